@@ -1,0 +1,1 @@
+"""harmonica: learned feature caching for Diffusion Transformers."""
