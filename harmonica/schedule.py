@@ -1,0 +1,571 @@
+"""Caching plans: the boolean `Schedule`, the trainable `Router` that produces one, and `ModelCost`.
+
+A plan is a bool tensor of shape (T, L, 2): T model evaluations per sampling run (step 0 = first,
+noisiest), L transformer blocks, 2 cacheable branches per block (index 0 = attn, 1 = mlp).
+True = compute the branch and refresh its cache slot, False = reuse the slot. Step 0 always computes
+everything because the cache is empty then.
+
+Files are safetensors (no pickle): one tensor plus a JSON document stored under the "harmonica" key
+of the safetensors header metadata.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = ["BRANCHES", "ModelCost", "Router", "Schedule"]
+
+BRANCHES = ("attn", "mlp")
+
+FORMAT_VERSION = 1
+_HEADER_KEY = "harmonica"
+# Written by save() from the tensor itself; user metadata may not shadow them.
+_STRUCTURAL_KEYS = frozenset({"format_version", "kind", "num_steps", "num_blocks", "cache_usage"})
+# Present (possibly None) in every metadata dict, so consumers can index them without .get().
+_SCHEDULE_KEYS = ("model_class", "block_width", "sampler", "threshold")
+_ROUTER_KEYS = ("model_class", "block_width", "sampler")
+
+
+# ----------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _positive_int(name: str, value: Any) -> int:
+    # bool is an int subclass; Schedule.full(True, 3) is a bug, not a request for one step.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _normalized_metadata(metadata: Optional[Mapping[str, Any]], required: tuple, owner: str) -> dict:
+    """A JSON-normalised deep copy, so what save() writes is exactly what load() gives back."""
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+    reserved = sorted(_STRUCTURAL_KEYS.intersection(metadata))
+    if reserved:
+        raise ValueError(
+            f"metadata keys {reserved} are reserved: {owner}.save() derives them from the tensor; "
+            f"remove them from metadata"
+        )
+    try:
+        normalized = json.loads(json.dumps(dict(metadata), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"{owner} metadata must be JSON-serialisable (str, int, finite float, bool, None, list, "
+            f"dict with str keys) because it is stored as JSON in the file header; got: {e}"
+        ) from e
+    for key in required:
+        normalized.setdefault(key, None)
+    return normalized
+
+
+# ----------------------------------------------------------------------------------------------
+# file format, shared by Schedule and Router
+
+
+def _write(path, kind: str, tensor_name: str, tensor: torch.Tensor, document: dict) -> None:
+    document = {"format_version": FORMAT_VERSION, "kind": kind, **document}
+    try:
+        header = json.dumps(document, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot save {kind} to {path}: metadata is not JSON-serialisable ({e})") from e
+    save_file({tensor_name: tensor.detach().cpu().contiguous()}, os.fspath(path), metadata={_HEADER_KEY: header})
+
+
+def _file_error(kind: str, path, problem: str) -> ValueError:
+    return ValueError(f"cannot load {kind} from {os.fspath(path)}: {problem}")
+
+
+def _read(path, kind: str, tensor_name: str, loader: str):
+    """Returns (tensor, document) after the checks common to every kind: header, version, kind, shape."""
+    path = os.fspath(path)
+
+    def fail(problem: str) -> ValueError:
+        return _file_error(kind, path, problem)
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            names = sorted(f.keys())
+            tensor = f.get_tensor(tensor_name) if names == [tensor_name] else None
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
+        raise fail(f"not a readable safetensors file ({e})") from e
+
+    if _HEADER_KEY not in header:
+        raise fail(
+            f"the safetensors header has no {_HEADER_KEY!r} metadata entry; "
+            f"only files written by {loader.split('.')[0]}.save() can be loaded"
+        )
+    try:
+        document = json.loads(header[_HEADER_KEY])
+    except json.JSONDecodeError as e:
+        raise fail(f"the {_HEADER_KEY!r} header entry is not valid JSON ({e})") from e
+    if not isinstance(document, dict):
+        raise fail(f"the {_HEADER_KEY!r} header entry must be a JSON object, got {type(document).__name__}")
+
+    version = document.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        hint = "upgrade harmonica to read it" if newer else "it was not written by a compatible harmonica"
+        raise fail(f"format_version {version!r} is not supported (this harmonica reads {FORMAT_VERSION}); {hint}")
+    if document.get("kind") != kind:
+        other = document.get("kind")
+        hint = f"; load it with {other.capitalize()}.load()" if other in ("schedule", "router") else ""
+        raise fail(f"the file holds kind {other!r}, expected {kind!r}{hint}")
+    for key in ("num_steps", "num_blocks"):
+        value = document.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise fail(f"{key} must be a positive int, got {value!r}")
+    if tensor is None:
+        raise fail(f"expected exactly one tensor named {tensor_name!r}, found {names}")
+    expected_shape = (document["num_steps"], document["num_blocks"], 2)
+    if tuple(tensor.shape) != expected_shape:
+        raise fail(
+            f"tensor {tensor_name!r} has shape {tuple(tensor.shape)} but the header records "
+            f"num_steps={expected_shape[0]}, num_blocks={expected_shape[1]}, i.e. shape {expected_shape}"
+        )
+    return tensor, document
+
+
+def _user_metadata(document: dict) -> dict:
+    return {k: v for k, v in document.items() if k not in _STRUCTURAL_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCost:
+    """FLOPs of one model evaluation, split into what caching can and cannot skip.
+
+    attn:  one block's attention branch (including its norm and adaLN modulation)
+    mlp:   one block's MLP branch (including its norm and modulation)
+    fixed: spent every evaluation regardless of caching (embeddings, final layer, PixArt
+           cross-attention, gated residual adds)
+    All blocks are assumed to cost the same, which holds for DiT and PixArt.
+    """
+
+    attn: float
+    mlp: float
+    fixed: float
+
+    def __post_init__(self):
+        for name in ("attn", "mlp", "fixed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"ModelCost.{name} must be a finite number >= 0, got {value!r}")
+        if self.attn + self.mlp + self.fixed <= 0:
+            raise ValueError("ModelCost must have a positive total (attn + mlp + fixed), got all zeros")
+
+
+class Schedule:
+    """An immutable caching plan: bool (T, L, 2), True = compute and refresh the slot, False = reuse."""
+
+    __slots__ = ("_mask", "_metadata")
+
+    def __init__(self, mask: torch.Tensor, *, metadata: Optional[Mapping[str, Any]] = None):
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor of dtype bool and shape (T, L, 2), got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask must have dtype torch.bool (True = compute), got {mask.dtype}; convert with mask.bool() "
+                f"or, from router weights, use Router.to_schedule(threshold)"
+            )
+        if mask.dim() != 3 or mask.shape[2] != 2:
+            raise ValueError(
+                f"mask must have shape (num_steps, num_blocks, 2) with last dim 0 = attn, 1 = mlp, "
+                f"got shape {tuple(mask.shape)}"
+            )
+        if mask.shape[0] < 1 or mask.shape[1] < 1:
+            raise ValueError(f"mask needs at least one step and one block, got shape {tuple(mask.shape)}")
+        mask = mask.detach().to("cpu", copy=True).contiguous()
+        if not bool(mask[0].all()):
+            missing = int((~mask[0]).sum())
+            raise ValueError(
+                f"mask[0] (the first, noisiest step) must be all True because the cache is still empty, "
+                f"but {missing} of its {mask[0].numel()} units are False; set mask[0] = True"
+            )
+        self._mask = mask
+        self._metadata = _normalized_metadata(metadata, _SCHEDULE_KEYS, "Schedule")
+
+    # -- constructors ---------------------------------------------------------------------------
+
+    @classmethod
+    def full(cls, num_steps: int, num_blocks: int) -> "Schedule":
+        """Compute everything: the uncached model."""
+        _positive_int("num_steps", num_steps)
+        _positive_int("num_blocks", num_blocks)
+        return cls(torch.ones(num_steps, num_blocks, 2, dtype=torch.bool), metadata={"method": "full"})
+
+    @classmethod
+    def fora(cls, num_steps: int, num_blocks: int, interval: int = 2) -> "Schedule":
+        """FORA: compute every unit at steps t % interval == 0, reuse every unit otherwise."""
+        _positive_int("num_steps", num_steps)
+        _positive_int("num_blocks", num_blocks)
+        _positive_int("interval", interval)
+        refresh = torch.arange(num_steps) % interval == 0
+        mask = refresh[:, None, None].expand(num_steps, num_blocks, 2)
+        return cls(mask, metadata={"method": "fora", "interval": interval})
+
+    @classmethod
+    def delta_dit(
+        cls,
+        num_steps: int,
+        num_blocks: int,
+        *,
+        num_cached_blocks: Optional[int] = None,
+        boundary_step: Optional[int] = None,
+        interval: int = 2,
+    ) -> "Schedule":
+        """Delta-DiT's stage-adaptive baseline.
+
+        Every `interval` steps (t % interval == 0) everything is computed. On the other steps, both
+        branches of `num_cached_blocks` blocks are reused: the REAR ones while t < boundary_step (early
+        steps shape the outline, which the front blocks produce) and the FRONT ones afterwards (late
+        steps refine detail, produced by the rear blocks).
+
+        Delta-DiT has no public code, so the defaults are ours: half the blocks (num_blocks // 2) and
+        the boundary in the middle of the run (num_steps // 2), which with interval 2 gives CUR near
+        25%, half of FORA's.
+        """
+        _positive_int("num_steps", num_steps)
+        _positive_int("num_blocks", num_blocks)
+        _positive_int("interval", interval)
+        if num_cached_blocks is None:
+            num_cached_blocks = num_blocks // 2
+        if boundary_step is None:
+            boundary_step = num_steps // 2
+        if isinstance(num_cached_blocks, bool) or not isinstance(num_cached_blocks, int) or not 0 <= num_cached_blocks <= num_blocks:
+            raise ValueError(f"num_cached_blocks must be an int in [0, num_blocks={num_blocks}], got {num_cached_blocks!r}")
+        if isinstance(boundary_step, bool) or not isinstance(boundary_step, int) or not 0 <= boundary_step <= num_steps:
+            raise ValueError(f"boundary_step must be an int in [0, num_steps={num_steps}], got {boundary_step!r}")
+
+        steps = torch.arange(num_steps)[:, None]
+        blocks = torch.arange(num_blocks)[None, :]
+        rear = blocks >= num_blocks - num_cached_blocks
+        front = blocks < num_cached_blocks
+        reused = torch.where(steps < boundary_step, rear, front) & (steps % interval != 0)
+        mask = (~reused)[:, :, None].expand(num_steps, num_blocks, 2)
+        return cls(
+            mask,
+            metadata={
+                "method": "delta_dit",
+                "num_cached_blocks": num_cached_blocks,
+                "boundary_step": boundary_step,
+                "interval": interval,
+            },
+        )
+
+    @classmethod
+    def from_router(cls, router: "Router", threshold: float = 0.1) -> "Schedule":
+        return router.to_schedule(threshold)
+
+    # -- accessors ------------------------------------------------------------------------------
+
+    @property
+    def mask(self) -> torch.Tensor:
+        # A copy, so a caller writing into it cannot corrupt a schedule that enable_cache holds.
+        return self._mask.clone()
+
+    @property
+    def metadata(self) -> dict:
+        return copy.deepcopy(self._metadata)
+
+    @property
+    def num_steps(self) -> int:
+        return self._mask.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self._mask.shape[1]
+
+    # -- statistics -----------------------------------------------------------------------------
+
+    @property
+    def cache_usage(self) -> float:
+        """CUR: fraction of (step, unit) pairs served from cache, over all T steps and L*2 units."""
+        total = self._mask.numel()
+        return (total - int(self._mask.sum())) / total
+
+    def computed_per_step(self) -> torch.Tensor:
+        """int64 (T, 2): how many blocks compute their [attn, mlp] branch at each step."""
+        return self._mask.sum(dim=1)
+
+    def computed_per_block(self) -> torch.Tensor:
+        """int64 (L, 2): at how many steps each block computes its [attn, mlp] branch."""
+        return self._mask.sum(dim=0)
+
+    def theoretical_speedup(self, cost: ModelCost) -> float:
+        """FLOPs of the uncached run divided by FLOPs of this schedule's run."""
+        if not isinstance(cost, ModelCost):
+            raise TypeError(f"cost must be a harmonica ModelCost, got {type(cost).__name__}")
+        full = self.num_steps * (cost.fixed + self.num_blocks * (cost.attn + cost.mlp))
+        # Python ints and floats: exact counts, and the same arithmetic Router.threshold_for relies on.
+        spent = sum(cost.fixed + n_attn * cost.attn + n_mlp * cost.mlp for n_attn, n_mlp in self.computed_per_step().tolist())
+        return full / spent
+
+    # -- compatibility ---------------------------------------------------------------------------
+
+    def check_compatible(
+        self,
+        *,
+        num_blocks: Optional[int] = None,
+        model_class: Optional[str] = None,
+        block_width: Optional[int] = None,
+        num_steps: Optional[int] = None,
+    ) -> None:
+        """Raise ValueError listing every mismatch with the model/sampler about to use this schedule.
+
+        Arguments left None are not checked; model_class and block_width are also skipped when the
+        schedule does not record them (hand-made masks, baselines).
+        """
+        problems = []
+        if num_steps is not None and num_steps != self.num_steps:
+            problems.append(
+                f"schedule has {self.num_steps} steps but the sampler runs {num_steps}; pass "
+                f"num_inference_steps={self.num_steps} or use a schedule made for {num_steps} steps "
+                f"(e.g. train a router with num_steps={num_steps})"
+            )
+        if num_blocks is not None and num_blocks != self.num_blocks:
+            problems.append(
+                f"schedule has {self.num_blocks} blocks but the model has {num_blocks}; "
+                f"use a schedule made for a {num_blocks}-block model"
+            )
+        recorded_class = self._metadata.get("model_class")
+        if model_class is not None and recorded_class is not None and model_class != recorded_class:
+            problems.append(
+                f"schedule was made for {recorded_class} but the model is {model_class}; "
+                f"use a schedule trained on {model_class}"
+            )
+        recorded_width = self._metadata.get("block_width")
+        if block_width is not None and recorded_width is not None and block_width != recorded_width:
+            problems.append(
+                f"schedule was made for blocks of width {recorded_width} but the model's width is {block_width}; "
+                f"use a schedule trained on this model"
+            )
+        if problems:
+            raise ValueError("incompatible schedule: " + "; ".join(problems))
+
+    # -- I/O ------------------------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        document = {
+            "num_steps": self.num_steps,
+            "num_blocks": self.num_blocks,
+            "cache_usage": self.cache_usage,
+            **self._metadata,
+        }
+        _write(path, "schedule", "mask", self._mask.to(torch.uint8), document)
+
+    @classmethod
+    def load(cls, path) -> "Schedule":
+        tensor, document = _read(path, "schedule", "mask", "Schedule.load")
+
+        def fail(problem: str) -> ValueError:
+            return _file_error("schedule", path, problem)
+
+        if tensor.dtype != torch.uint8:
+            raise fail(f"tensor 'mask' must be uint8 (0 = reuse, 1 = compute), got {tensor.dtype}")
+        if bool(((tensor != 0) & (tensor != 1)).any()):
+            raise fail(f"tensor 'mask' must hold only 0 and 1, found values {sorted(set(tensor.unique().tolist()))}")
+        mask = tensor.bool()
+        if not bool(mask[0].all()):
+            raise fail("step 0 of the mask is not all 1 (compute), but the cache is empty at step 0")
+        recorded = document.get("cache_usage")
+        if isinstance(recorded, bool) or not isinstance(recorded, (int, float)):
+            raise fail(f"header cache_usage must be a number, got {recorded!r}")
+        schedule = cls(mask, metadata=_user_metadata(document))
+        # Half a unit of tolerance: any real disagreement is at least one (step, unit) pair.
+        if abs(recorded - schedule.cache_usage) > 0.5 / mask.numel():
+            raise fail(
+                f"header records cache_usage {recorded} but the mask has {schedule.cache_usage}; "
+                f"the file was modified or corrupted"
+            )
+        return schedule
+
+    # -- dunder ---------------------------------------------------------------------------------
+
+    def __eq__(self, other):
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        return self._mask.shape == other._mask.shape and torch.equal(self._mask, other._mask)
+
+    def __hash__(self):
+        return hash((tuple(self._mask.shape), self._mask.numpy().tobytes()))
+
+    def __repr__(self):
+        return f"Schedule(T={self.num_steps}, L={self.num_blocks}, CUR={self.cache_usage:.2%})"
+
+
+class Router(torch.nn.Module):
+    """Learned static schedule: logits (T, L, 2), weight = sigmoid(logits), compute iff weight > threshold.
+
+    Row 0 (the first step) always computes: weights() pins it to exactly 1.0, so its logits get zero
+    gradient and are never trained; their stored values are irrelevant. The reference code instead
+    stores 5.0 there; pinning in weights() keeps the invariant without relying on what the logits hold.
+    """
+
+    def __init__(self, logits: torch.Tensor, *, metadata: Optional[Mapping[str, Any]] = None):
+        super().__init__()
+        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+            raise ValueError(
+                f"logits must be a floating-point torch.Tensor of shape (num_steps, num_blocks, 2), got "
+                f"{logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__}; "
+                f"use Router.init(num_steps, num_blocks) for a fresh router"
+            )
+        if logits.dim() != 3 or logits.shape[2] != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
+            raise ValueError(
+                f"logits must have shape (num_steps >= 1, num_blocks >= 1, 2), got shape {tuple(logits.shape)}"
+            )
+        self.logits = torch.nn.Parameter(logits.detach().clone())
+        # Mutable on purpose: training records its config and achieved CUR/speedup here.
+        self.metadata = _normalized_metadata(metadata, _ROUTER_KEYS, "Router")
+
+    @classmethod
+    def init(
+        cls,
+        num_steps: int,
+        num_blocks: int,
+        *,
+        std: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+    ) -> "Router":
+        """Logits ~ N(0, std^2), the reference code's initialisation."""
+        _positive_int("num_steps", num_steps)
+        _positive_int("num_blocks", num_blocks)
+        if not (isinstance(std, (int, float)) and math.isfinite(std) and std >= 0):
+            raise ValueError(f"std must be a finite number >= 0, got {std!r}")
+        logits = torch.randn(num_steps, num_blocks, 2, generator=generator) * std
+        return cls(logits, metadata=metadata)
+
+    @property
+    def num_steps(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.logits.shape[1]
+
+    def weights(self) -> torch.Tensor:
+        """sigmoid(logits) with row 0 exactly 1.0; differentiable w.r.t. rows 1..T-1 only."""
+        first_step = torch.arange(self.num_steps, device=self.logits.device)[:, None, None] == 0
+        one = torch.ones((), dtype=self.logits.dtype, device=self.logits.device)
+        return torch.where(first_step, one, torch.sigmoid(self.logits))
+
+    @torch.no_grad()
+    def clamp_(self, bound: float = 5.0) -> "Router":
+        """Clamp logits to [-bound, bound] in place (reference: after every optimiser step)."""
+        if not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
+            raise ValueError(f"bound must be a finite number > 0, got {bound!r}")
+        self.logits.clamp_(-bound, bound)
+        return self
+
+    def to_schedule(self, threshold: float = 0.1) -> Schedule:
+        """Compute iff weight > threshold; step 0 always computes."""
+        _check_threshold(threshold)
+        with torch.no_grad():
+            mask = (self.weights() > threshold).cpu()
+        mask[0] = True  # weights() gives 1.0 there, but threshold == 1.0 must not empty step 0
+        return Schedule(mask, metadata={**self.metadata, "method": "router", "threshold": float(threshold)})
+
+    def threshold_for(
+        self,
+        *,
+        target_speedup: Optional[float] = None,
+        target_cur: Optional[float] = None,
+        cost: Optional[ModelCost] = None,
+    ) -> float:
+        """The smallest threshold whose schedule reaches the target, i.e. the one that caches least.
+
+        Raising the threshold only ever turns computes into reuses, so CUR and speedup are monotone in
+        it and only the distinct weights of steps 1..T-1 matter: threshold w caches exactly the units
+        with weight <= w. A binary search over those candidates, each evaluated with the same
+        Schedule arithmetic that callers will use, is therefore exact. Returns 0.0 when the uncached
+        schedule already meets the target.
+        """
+        if (target_speedup is None) == (target_cur is None):
+            raise ValueError("pass exactly one of target_speedup= or target_cur=")
+        if target_cur is not None:
+            if isinstance(target_cur, bool) or not isinstance(target_cur, (int, float)) or not 0 <= target_cur <= 1:
+                raise ValueError(f"target_cur must be a number in [0, 1], got {target_cur!r}")
+
+            def value(s: Schedule) -> float:
+                return s.cache_usage
+
+            target, what = target_cur, "CUR"
+        else:
+            if cost is None:
+                raise ValueError("target_speedup needs cost=ModelCost(...) to turn the schedule into FLOPs")
+            if not isinstance(cost, ModelCost):
+                raise TypeError(f"cost must be a harmonica ModelCost, got {type(cost).__name__}")
+            if isinstance(target_speedup, bool) or not isinstance(target_speedup, (int, float)) or not target_speedup > 0:
+                raise ValueError(f"target_speedup must be a number > 0, got {target_speedup!r}")
+
+            def value(s: Schedule) -> float:
+                return s.theoretical_speedup(cost)
+
+            target, what = target_speedup, "speedup"
+
+        if value(self.to_schedule(0.0)) >= target:
+            return 0.0
+        with torch.no_grad():
+            candidates = torch.unique(self.weights()[1:].detach().cpu().double()).tolist()
+        reachable = value(self.to_schedule(candidates[-1])) if candidates else value(self.to_schedule(0.0))
+        if reachable < target:
+            raise ValueError(
+                f"target {what} {target} is unreachable: even caching every unit of steps 1..{self.num_steps - 1} "
+                f"gives {what} {reachable:.6g} for T={self.num_steps}, L={self.num_blocks}; lower the target"
+            )
+        lo, hi = 0, len(candidates) - 1  # invariant: candidates[hi] meets the target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if value(self.to_schedule(candidates[mid])) >= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return candidates[hi]
+
+    # -- I/O ------------------------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        document = {"num_steps": self.num_steps, "num_blocks": self.num_blocks, **self.metadata}
+        reserved = sorted(_STRUCTURAL_KEYS.intersection(self.metadata))
+        if reserved:
+            raise ValueError(f"cannot save router to {path}: metadata keys {reserved} are reserved; remove them")
+        _write(path, "router", "logits", self.logits.detach().float(), document)
+
+    @classmethod
+    def load(cls, path) -> "Router":
+        tensor, document = _read(path, "router", "logits", "Router.load")
+
+        def fail(problem: str) -> ValueError:
+            return _file_error("router", path, problem)
+
+        if tensor.dtype != torch.float32:
+            raise fail(f"tensor 'logits' must be float32, got {tensor.dtype}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise fail("tensor 'logits' contains NaN or infinite values")
+        return cls(tensor, metadata=_user_metadata(document))
+
+    def extra_repr(self) -> str:
+        return f"T={self.num_steps}, L={self.num_blocks}"
+
+
+def _check_threshold(threshold) -> None:
+    # Weights are probabilities, so a threshold outside [0, 1] is a unit mistake (e.g. percent).
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be a number in [0, 1] (compute iff weight > threshold), got {threshold!r}")
