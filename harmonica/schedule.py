@@ -480,7 +480,8 @@ class Router(torch.nn.Module):
         with torch.no_grad():
             mask = (self.weights() > threshold).cpu()
         mask[0] = True  # weights() gives 1.0 there, but threshold == 1.0 must not empty step 0
-        return Schedule(mask, metadata={**self.metadata, "method": "router", "threshold": float(threshold)})
+        # The router's own "method" (e.g. "harmonica" or "l2c", set by training) wins over the generic one.
+        return Schedule(mask, metadata={"method": "router", **self.metadata, "threshold": float(threshold)})
 
     def threshold_for(
         self,

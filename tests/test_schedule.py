@@ -358,6 +358,7 @@ def test_router_to_schedule_matches_weights():
         assert sched == Schedule.from_router(router, tau)
         assert sched.metadata["threshold"] == tau
         assert sched.metadata["model_class"] == "M" and sched.metadata["training"] == {"beta": 1e-7}
+        assert sched.metadata["method"] == "router"
     assert router.to_schedule(1.0).cache_usage == pytest.approx(8 / 9)
     with pytest.raises(ValueError, match=r"threshold must be a number in \[0, 1\].*got 10"):
         router.to_schedule(10)
@@ -446,6 +447,8 @@ def test_router_save_load_round_trip(tmp_path):
     assert loaded.metadata == router.metadata
     assert loaded.metadata["training"]["beta"] == 7e-8
     assert loaded.to_schedule(0.3) == router.to_schedule(0.3)
+    router.metadata["method"] = "harmonica"
+    assert router.to_schedule(0.3).metadata["method"] == "harmonica"
     with pytest.raises(ValueError, match="holds kind 'router', expected 'schedule'; load it with Router.load"):
         Schedule.load(path)
 
