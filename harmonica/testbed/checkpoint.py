@@ -1,0 +1,62 @@
+"""Pickle-free training checkpoints: every tensor in one safetensors file, everything else as JSON in
+that file's metadata, so a checkpoint is a single file and a single atomic ``os.replace``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+_META_KEY = "harmonica_state"
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(contiguous, str(tmp), metadata={_META_KEY: json.dumps(meta)})
+    # A crash before this line leaves the previous checkpoint intact; os.replace is atomic on POSIX.
+    os.replace(tmp, path)
+
+
+def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
+    return load_file(str(path)), meta
+
+
+def pack_optimizer(optimizer: torch.optim.Optimizer, prefix: str = "optim.") -> tuple[dict, dict]:
+    """Split an optimizer state_dict into tensors (safetensors) and plain values (JSON)."""
+    state = optimizer.state_dict()
+    tensors, plain_state = {}, {}
+    for param_id, slots in state["state"].items():
+        plain_state[str(param_id)] = {}
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}{param_id}.{name}"] = value
+            else:
+                plain_state[str(param_id)][name] = value
+    return tensors, {"param_groups": state["param_groups"], "plain_state": plain_state}
+
+
+def unpack_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict,
+                     prefix: str = "optim.") -> None:
+    state: dict[int, dict] = {int(k): dict(v) for k, v in meta["plain_state"].items()}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            param_id, name = key[len(prefix):].split(".", 1)
+            state.setdefault(int(param_id), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def prefixed(module_state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in module_state.items()}
+
+
+def unprefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
