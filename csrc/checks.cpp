@@ -1,0 +1,192 @@
+#include "checks.h"
+
+#include <algorithm>
+#include <cstdint>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+namespace harmonica {
+namespace {
+
+HiddenShape check_hidden_states(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 3, op, ": `", name, "` must be a (B, N, D) hidden-state tensor, got shape ", t.sizes(),
+              "; reshape it to (batch, tokens, channels) before calling.");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": `", name,
+              "` must be float32, float16, bfloat16 or float64, got ", t.scalar_type(), ".");
+  return HiddenShape{t.size(0), t.size(1), t.size(2)};
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": `", name, "` is on ", t.device(), " but `", ref_name, "` is on ",
+              ref.device(), "; move it with ", name, ".to(", ref_name, ".device).");
+}
+
+void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                      const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": `", name, "` has dtype ", t.scalar_type(), " but `",
+              ref_name, "` has dtype ", ref.scalar_type(), "; hidden states, gate and cache must share one dtype, ",
+              "convert with ", name, ".to(", ref_name, ".dtype).");
+}
+
+// Same shape, dtype and device as `ref`.
+void check_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name, const at::Tensor& ref) {
+  check_same_device(op, name, t, ref_name, ref);
+  check_same_dtype(op, name, t, ref_name, ref);
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": `", name, "` must have the shape of `", ref_name, "` ", ref.sizes(),
+              ", got ", t.sizes(), ".");
+}
+
+void check_writable(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": `", name, "` is written in place and must be contiguous, got strides ",
+              t.strides(), " for shape ", t.sizes(), "; allocate it with torch.empty_like(x) or pass ", name,
+              ".contiguous() and use the returned tensor.");
+}
+
+at::Tensor prepare_gate(const char* op, const at::Tensor& gate, const at::Tensor& x, const HiddenShape& shape) {
+  check_same_device(op, "gate", gate, "x", x);
+  check_same_dtype(op, "gate", gate, "x", x);
+  const bool is_2d = gate.dim() == 2 && gate.size(0) == shape.batch && gate.size(1) == shape.hidden;
+  const bool is_3d =
+      gate.dim() == 3 && gate.size(0) == shape.batch && gate.size(1) == 1 && gate.size(2) == shape.hidden;
+  TORCH_CHECK(is_2d || is_3d, op, ": `gate` must broadcast over the tokens of `x` ", x.sizes(),
+              ", i.e. have shape (B, D) = (", shape.batch, ", ", shape.hidden, ") or (B, 1, D) = (", shape.batch,
+              ", 1, ", shape.hidden, "), got ", gate.sizes(),
+              "; pass the adaLN gate of this block (e.g. gate_msa) with one row per sample.");
+  at::Tensor gate_2d = is_3d ? gate.select(1, 0) : gate;
+  if (gate_2d.stride(1) != 1 && shape.hidden > 1) {
+    gate_2d = gate_2d.contiguous();
+  }
+  return gate_2d;
+}
+
+at::Tensor prepare_w(const char* op, const at::Tensor& w, const at::Tensor& x, const HiddenShape& shape) {
+  check_same_device(op, "w", w, "x", x);
+  TORCH_CHECK(at::isFloatingType(w.scalar_type()), op, ": `w` must be a floating-point tensor, got ",
+              w.scalar_type(), "; pass torch.sigmoid(logits).");
+  TORCH_CHECK(w.dim() == 0 || (w.dim() == 1 && w.size(0) == shape.batch), op,
+              ": `w` must be a 0-dim tensor or have shape (B,) = (", shape.batch, ",), got ", w.sizes(),
+              "; use w.reshape(()) for one weight or one weight per sample.");
+  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  at::Tensor w_acc = w.to(acc_type).contiguous();
+  // A CPU tensor is checked here for free; on CUDA this would cost a device sync per call, so the
+  // CUDA launcher checks the range with a device-side assert instead.
+  if (w_acc.device().is_cpu()) {
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "harmonica_check_w", [&] {
+      const scalar_t* data = w_acc.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < w_acc.numel(); ++i) {
+        TORCH_CHECK(data[i] >= 0 && data[i] <= 1, op, ": `w` must lie in [0, 1] (a sigmoid routing weight), got ",
+                    data[i], " at position ", i, "; pass torch.sigmoid(logits) or clamp it.");
+      }
+    });
+  }
+  return w_acc;
+}
+
+at::Tensor prepare_index(const char* op, const at::Tensor& index, const at::Tensor& x, int64_t max_rows) {
+  TORCH_CHECK(index.scalar_type() == at::kLong, op, ": `index` must be int64, got ", index.scalar_type(),
+              "; build it with torch.tensor(rows, dtype=torch.long, device=x.device).");
+  TORCH_CHECK(index.dim() == 1, op, ": `index` must be 1-D (one row number per computed sample), got shape ",
+              index.sizes(), ".");
+  check_same_device(op, "index", index, "x", x);
+  TORCH_CHECK(index.size(0) <= max_rows, op, ": `index` has ", index.size(0), " entries but `x` has only ",
+              max_rows, " samples; each sample may appear at most once.");
+  return index.contiguous();
+}
+
+}  // namespace
+
+GatedResidualInputs prepare_cache_write(const char* op, const at::Tensor& x, const at::Tensor& gate,
+                                        const at::Tensor& branch, const at::Tensor& cache, bool x_in_place) {
+  const HiddenShape shape = check_hidden_states(op, "x", x);
+  check_like(op, "branch", branch, "x", x);
+  check_like(op, "cache", cache, "x", x);
+  check_writable(op, "cache", cache);
+  if (x_in_place) {
+    check_writable(op, "x", x);
+  }
+  return GatedResidualInputs{shape, x.contiguous(), prepare_gate(op, gate, x, shape), branch.contiguous()};
+}
+
+GatedResidualInputs prepare_cache_read(const char* op, const at::Tensor& x, const at::Tensor& gate,
+                                       const at::Tensor& cache, bool x_in_place) {
+  const HiddenShape shape = check_hidden_states(op, "x", x);
+  check_like(op, "cache", cache, "x", x);
+  if (x_in_place) {
+    check_writable(op, "x", x);
+  }
+  return GatedResidualInputs{shape, x.contiguous(), prepare_gate(op, gate, x, shape), cache.contiguous()};
+}
+
+BlendInputs prepare_blend(const char* op, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh,
+                          const at::Tensor& cache, const at::Tensor& w) {
+  const HiddenShape shape = check_hidden_states(op, "x", x);
+  check_like(op, "fresh", fresh, "x", x);
+  check_like(op, "cache", cache, "x", x);
+  at::Tensor w_acc = prepare_w(op, w, x, shape);
+  const int64_t w_batch_stride = w_acc.dim() == 0 ? 0 : 1;
+  return BlendInputs{shape,
+                     x.contiguous(),
+                     prepare_gate(op, gate, x, shape),
+                     fresh.contiguous(),
+                     cache.contiguous(),
+                     std::move(w_acc),
+                     w_batch_stride};
+}
+
+GatherRowsInputs prepare_gather_rows(const char* op, const at::Tensor& x, const at::Tensor& index) {
+  const HiddenShape shape = check_hidden_states(op, "x", x);
+  at::Tensor index_c = prepare_index(op, index, x, /*max_rows=*/INT64_MAX);
+  return GatherRowsInputs{shape, x.contiguous(), std::move(index_c)};
+}
+
+GatedMergeInputs prepare_gated_merge(const char* op, const at::Tensor& x, const at::Tensor& gate,
+                                     const at::Tensor& branch_active, const at::Tensor& index,
+                                     const at::Tensor& cache, bool x_in_place) {
+  const HiddenShape shape = check_hidden_states(op, "x", x);
+  check_like(op, "cache", cache, "x", x);
+  check_writable(op, "cache", cache);
+  if (x_in_place) {
+    check_writable(op, "x", x);
+  }
+  at::Tensor index_c = prepare_index(op, index, x, shape.batch);
+  check_same_device(op, "branch_active", branch_active, "x", x);
+  check_same_dtype(op, "branch_active", branch_active, "x", x);
+  TORCH_CHECK(branch_active.dim() == 3 && branch_active.size(0) == index_c.size(0) &&
+                  branch_active.size(1) == shape.tokens && branch_active.size(2) == shape.hidden,
+              op, ": `branch_active` must have shape (len(index), N, D) = (", index_c.size(0), ", ", shape.tokens, ", ",
+              shape.hidden, "), got ", branch_active.sizes(),
+              "; compute the branch on gather_rows(h, index) so it has one row per entry of `index`.");
+  return GatedMergeInputs{shape, x.contiguous(), prepare_gate(op, gate, x, shape), branch_active.contiguous(),
+                          std::move(index_c)};
+}
+
+at::Tensor slot_of_row_cpu(const char* op, const at::Tensor& index, int64_t batch) {
+  TORCH_CHECK(index.device().is_cpu(), op, ": internal error, slot_of_row_cpu needs a CPU index.");
+  at::Tensor slots = at::empty({batch}, index.options().dtype(at::kInt));
+  int32_t* slot = slots.data_ptr<int32_t>();
+  std::fill(slot, slot + batch, -1);
+  const int64_t* rows = index.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < index.numel(); ++j) {
+    const int64_t row = rows[j];
+    TORCH_CHECK(row >= 0 && row < batch, op, ": `index[", j, "]` = ", row, " is out of range for a batch of ",
+                batch, " samples; valid rows are 0..", batch - 1, ".");
+    TORCH_CHECK(slot[row] < 0, op, ": `index` lists sample ", row, " twice (positions ", slot[row], " and ", j,
+                "); each computed sample must appear once, e.g. use torch.unique(index).");
+    slot[row] = static_cast<int32_t>(j);
+  }
+  return slots;
+}
+
+void check_rows_in_range_cpu(const char* op, const at::Tensor& index, int64_t batch) {
+  const int64_t* rows = index.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < index.numel(); ++j) {
+    TORCH_CHECK(rows[j] >= 0 && rows[j] < batch, op, ": `index[", j, "]` = ", rows[j],
+                " is out of range for `x` with ", batch, " samples; valid rows are 0..", batch - 1, ".");
+  }
+}
+
+}  // namespace harmonica

@@ -1,0 +1,80 @@
+// Input validation and normalisation shared by the CPU kernels, the CUDA kernels and the simulated
+// CUDA threads. Every failure is a TORCH_CHECK naming the op, the argument, the expected and the
+// received value, and the fix.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+
+namespace harmonica {
+
+struct HiddenShape {
+  int64_t batch;
+  int64_t tokens;
+  int64_t hidden;
+
+  int64_t sample_numel() const { return tokens * hidden; }
+  int64_t numel() const { return batch * tokens * hidden; }
+};
+
+// Read-only inputs are made contiguous (a copy only when the caller passed a strided view);
+// in-place targets must already be contiguous. `gate` is returned as a (B, D) view with unit
+// channel stride, keeping the batch stride of chunked adaLN outputs without a copy.
+struct GatedResidualInputs {
+  HiddenShape shape;
+  at::Tensor x;
+  at::Tensor gate;
+  at::Tensor value;
+};
+
+// cache_write / cache_write_: `cache` is overwritten with `branch`.
+GatedResidualInputs prepare_cache_write(const char* op, const at::Tensor& x, const at::Tensor& gate,
+                                        const at::Tensor& branch, const at::Tensor& cache, bool x_in_place);
+
+// cache_read / cache_read_.
+GatedResidualInputs prepare_cache_read(const char* op, const at::Tensor& x, const at::Tensor& gate,
+                                       const at::Tensor& cache, bool x_in_place);
+
+struct BlendInputs {
+  HiddenShape shape;
+  at::Tensor x;  // grad_out for the backward
+  at::Tensor gate;
+  at::Tensor fresh;
+  at::Tensor cache;
+  at::Tensor w;  // contiguous, accumulation dtype, 0-dim or (B,)
+  int64_t w_batch_stride;
+};
+
+BlendInputs prepare_blend(const char* op, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh,
+                          const at::Tensor& cache, const at::Tensor& w);
+
+struct GatherRowsInputs {
+  HiddenShape shape;
+  at::Tensor x;
+  at::Tensor index;  // contiguous int64
+};
+
+GatherRowsInputs prepare_gather_rows(const char* op, const at::Tensor& x, const at::Tensor& index);
+
+struct GatedMergeInputs {
+  HiddenShape shape;
+  at::Tensor x;
+  at::Tensor gate;
+  at::Tensor branch_active;
+  at::Tensor index;  // contiguous int64
+};
+
+GatedMergeInputs prepare_gated_merge(const char* op, const at::Tensor& x, const at::Tensor& gate,
+                                     const at::Tensor& branch_active, const at::Tensor& index,
+                                     const at::Tensor& cache, bool x_in_place);
+
+// Host-side map sample -> position in `index` (-1 when absent). Raises on out-of-range or
+// duplicate entries. Used by the CPU kernels and the simulated CUDA threads; the CUDA path builds
+// the same map on the device (device-side assert instead of a host sync).
+at::Tensor slot_of_row_cpu(const char* op, const at::Tensor& index, int64_t batch);
+
+// Raises unless every gather index lies in [0, batch). CPU tensors only.
+void check_rows_in_range_cpu(const char* op, const at::Tensor& index, int64_t batch);
+
+}  // namespace harmonica

@@ -1,0 +1,357 @@
+// CPU kernels: one pass over memory per op, at::vec::Vectorized over the channel dimension and
+// at::parallel_for over (sample, token) rows. half/bfloat16 are widened to float32 for the math.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "../cache_ops.h"
+#include "../checks.h"
+#include "../cuda/launch_plan.h"
+
+namespace harmonica {
+namespace {
+
+using at::vec::Vectorized;
+
+// A run of up to kWidth elements of scalar_t held as two vectors of the accumulation type, which
+// is exactly one Vectorized<scalar_t> for half/bfloat16.
+template <typename scalar_t>
+struct AccPair {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kWidth = 2 * Vec::size();
+
+  Vec lo;
+  Vec hi;
+
+  static AccPair load(const scalar_t* data, int64_t count) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (count == kWidth) {
+        return {Vec::loadu(data), Vec::loadu(data + Vec::size())};
+      }
+      const int64_t lo_count = std::min<int64_t>(count, Vec::size());
+      const Vec hi = count > Vec::size() ? Vec::loadu(data + Vec::size(), count - Vec::size()) : Vec(acc_t(0));
+      return {Vec::loadu(data, lo_count), hi};
+    } else {
+      static_assert(Vectorized<scalar_t>::size() == kWidth, "reduced type must widen into two vectors");
+      const Vectorized<scalar_t> packed =
+          count == kWidth ? Vectorized<scalar_t>::loadu(data) : Vectorized<scalar_t>::loadu(data, count);
+      const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(packed);
+      return {lo, hi};
+    }
+  }
+
+  void store(scalar_t* data, int64_t count) const {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (count == kWidth) {
+        lo.store(data);
+        hi.store(data + Vec::size());
+        return;
+      }
+      lo.store(data, static_cast<int>(std::min<int64_t>(count, Vec::size())));
+      if (count > Vec::size()) {
+        hi.store(data + Vec::size(), static_cast<int>(count - Vec::size()));
+      }
+    } else {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(data, static_cast<int>(count));
+    }
+  }
+};
+
+// Rows per parallel task: enough elements per task that thread hand-off is negligible.
+int64_t grain_rows(int64_t hidden) {
+  constexpr int64_t kGrainElements = 32768;
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, hidden));
+}
+
+// out_row = x_row + gate_row * value_row over one row of `hidden` channels.
+template <typename scalar_t>
+void gated_residual_row(const scalar_t* x, const scalar_t* gate, const scalar_t* value, scalar_t* out,
+                        int64_t hidden) {
+  using Pair = AccPair<scalar_t>;
+  for (int64_t d = 0; d < hidden; d += Pair::kWidth) {
+    const int64_t count = std::min<int64_t>(Pair::kWidth, hidden - d);
+    const Pair xv = Pair::load(x + d, count);
+    const Pair gv = Pair::load(gate + d, count);
+    const Pair vv = Pair::load(value + d, count);
+    Pair{gated_residual(xv.lo, gv.lo, vv.lo), gated_residual(xv.hi, gv.hi, vv.hi)}.store(out + d, count);
+  }
+}
+
+template <typename scalar_t>
+void gated_residual_kernel(const GatedResidualInputs& in, scalar_t* out, scalar_t* cache_out) {
+  const HiddenShape s = in.shape;
+  const scalar_t* x = in.x.const_data_ptr<scalar_t>();
+  const scalar_t* gate = in.gate.const_data_ptr<scalar_t>();
+  const scalar_t* value = in.value.const_data_ptr<scalar_t>();
+  const int64_t gate_stride = in.gate.stride(0);
+  at::parallel_for(0, s.batch * s.tokens, grain_rows(s.hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t offset = row * s.hidden;
+      gated_residual_row(x + offset, gate + (row / s.tokens) * gate_stride, value + offset, out + offset, s.hidden);
+      if (cache_out != nullptr) {
+        // memmove: `branch` and `cache` may legally be the same tensor.
+        std::memmove(cache_out + offset, value + offset, s.hidden * sizeof(scalar_t));
+      }
+    }
+  });
+}
+
+at::Tensor run_gated_residual(const GatedResidualInputs& in, const at::Tensor& out, const at::Tensor* cache_out) {
+  if (in.shape.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "harmonica_gated_residual_cpu", [&] {
+    gated_residual_kernel<scalar_t>(in, out.mutable_data_ptr<scalar_t>(),
+                                    cache_out == nullptr ? nullptr : cache_out->mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor cache_write_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch,
+                           const at::Tensor& cache) {
+  const GatedResidualInputs in = prepare_cache_write("harmonica.cache_write", x, gate, branch, cache, false);
+  return run_gated_residual(in, at::empty(x.sizes(), x.options()), &cache);
+}
+
+at::Tensor cache_write_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch,
+                                   const at::Tensor& cache) {
+  const GatedResidualInputs in = prepare_cache_write("harmonica.cache_write_", x, gate, branch, cache, true);
+  return run_gated_residual(in, x, &cache);
+}
+
+at::Tensor cache_read_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cache) {
+  const GatedResidualInputs in = prepare_cache_read("harmonica.cache_read", x, gate, cache, false);
+  return run_gated_residual(in, at::empty(x.sizes(), x.options()), nullptr);
+}
+
+at::Tensor cache_read_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cache) {
+  const GatedResidualInputs in = prepare_cache_read("harmonica.cache_read_", x, gate, cache, true);
+  return run_gated_residual(in, x, nullptr);
+}
+
+// ---- blend ---------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void blend_kernel(const BlendInputs& in, scalar_t* out) {
+  using Pair = AccPair<scalar_t>;
+  using Vec = typename Pair::Vec;
+  using acc_t = typename Pair::acc_t;
+  const HiddenShape s = in.shape;
+  const scalar_t* x = in.x.const_data_ptr<scalar_t>();
+  const scalar_t* gate = in.gate.const_data_ptr<scalar_t>();
+  const scalar_t* fresh = in.fresh.const_data_ptr<scalar_t>();
+  const scalar_t* cache = in.cache.const_data_ptr<scalar_t>();
+  const acc_t* w = in.w.const_data_ptr<acc_t>();
+  const int64_t gate_stride = in.gate.stride(0);
+  at::parallel_for(0, s.batch * s.tokens, grain_rows(s.hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / s.tokens;
+      const Vec wv(w[b * in.w_batch_stride]);
+      const scalar_t* gate_row = gate + b * gate_stride;
+      const int64_t offset = row * s.hidden;
+      for (int64_t d = 0; d < s.hidden; d += Pair::kWidth) {
+        const int64_t count = std::min<int64_t>(Pair::kWidth, s.hidden - d);
+        const Pair xv = Pair::load(x + offset + d, count);
+        const Pair gv = Pair::load(gate_row + d, count);
+        const Pair fv = Pair::load(fresh + offset + d, count);
+        const Pair cv = Pair::load(cache + offset + d, count);
+        Pair{gated_residual(xv.lo, gv.lo, blend_value(fv.lo, cv.lo, wv)),
+             gated_residual(xv.hi, gv.hi, blend_value(fv.hi, cv.hi, wv))}
+            .store(out + offset + d, count);
+      }
+    }
+  });
+}
+
+at::Tensor blend_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh, const at::Tensor& cache,
+                     const at::Tensor& w) {
+  const BlendInputs in = prepare_blend("harmonica.blend", x, gate, fresh, cache, w);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (in.shape.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "harmonica_blend_cpu",
+                                  [&] { blend_kernel<scalar_t>(in, out.mutable_data_ptr<scalar_t>()); });
+  return out;
+}
+
+// One task per (sample, token chunk); the chunk count is fixed (not tied to the thread count) so
+// the summation order, and therefore the result, does not depend on the machine.
+constexpr int64_t kBackwardChunks = 16;
+
+template <typename scalar_t>
+void blend_backward_kernel(const BlendInputs& in, int64_t tokens_per_chunk, int64_t chunks, scalar_t* grad_fresh,
+                           at::opmath_type<scalar_t>* partial_grad_gate, at::opmath_type<scalar_t>* partial_grad_w) {
+  using Pair = AccPair<scalar_t>;
+  using AccPairT = AccPair<at::opmath_type<scalar_t>>;
+  using Vec = typename Pair::Vec;
+  using acc_t = typename Pair::acc_t;
+  const HiddenShape s = in.shape;
+  const scalar_t* grad_out = in.x.const_data_ptr<scalar_t>();
+  const scalar_t* gate = in.gate.const_data_ptr<scalar_t>();
+  const scalar_t* fresh = in.fresh.const_data_ptr<scalar_t>();
+  const scalar_t* cache = in.cache.const_data_ptr<scalar_t>();
+  const acc_t* w = in.w.const_data_ptr<acc_t>();
+  const int64_t gate_stride = in.gate.stride(0);
+  at::parallel_for(0, s.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks;
+      const int64_t chunk = task % chunks;
+      const Vec wv(w[b * in.w_batch_stride]);
+      const scalar_t* gate_row = gate + b * gate_stride;
+      acc_t* grad_gate_row = partial_grad_gate + task * s.hidden;
+      std::fill(grad_gate_row, grad_gate_row + s.hidden, acc_t(0));
+      Vec grad_w_acc(acc_t(0));
+      const int64_t token_end = std::min(s.tokens, (chunk + 1) * tokens_per_chunk);
+      for (int64_t token = chunk * tokens_per_chunk; token < token_end; ++token) {
+        const int64_t offset = (b * s.tokens + token) * s.hidden;
+        for (int64_t d = 0; d < s.hidden; d += Pair::kWidth) {
+          const int64_t count = std::min<int64_t>(Pair::kWidth, s.hidden - d);
+          // Partial loads zero the unused lanes, so they add exactly 0 to the sums below.
+          const Pair gov = Pair::load(grad_out + offset + d, count);
+          const Pair gv = Pair::load(gate_row + d, count);
+          const Pair fv = Pair::load(fresh + offset + d, count);
+          const Pair cv = Pair::load(cache + offset + d, count);
+          Pair{blend_grad_fresh(gov.lo, gv.lo, wv), blend_grad_fresh(gov.hi, gv.hi, wv)}.store(
+              grad_fresh + offset + d, count);
+          AccPairT gate_acc = AccPairT::load(grad_gate_row + d, count);
+          gate_acc.lo = gate_acc.lo + blend_grad_gate_term(gov.lo, fv.lo, cv.lo, wv);
+          gate_acc.hi = gate_acc.hi + blend_grad_gate_term(gov.hi, fv.hi, cv.hi, wv);
+          gate_acc.store(grad_gate_row + d, count);
+          grad_w_acc = grad_w_acc + blend_grad_w_term(gov.lo, gv.lo, fv.lo, cv.lo) +
+                       blend_grad_w_term(gov.hi, gv.hi, fv.hi, cv.hi);
+        }
+      }
+      acc_t lanes[Vec::size()];
+      grad_w_acc.store(lanes);
+      acc_t grad_w_sum = 0;
+      for (int64_t lane = 0; lane < Vec::size(); ++lane) {
+        grad_w_sum += lanes[lane];
+      }
+      partial_grad_w[task] = grad_w_sum;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out, const at::Tensor& gate,
+                                                                  const at::Tensor& fresh, const at::Tensor& cache,
+                                                                  const at::Tensor& w) {
+  const BlendInputs in = prepare_blend("harmonica.blend_backward", grad_out, gate, fresh, cache, w);
+  const HiddenShape s = in.shape;
+  const int64_t tokens_per_chunk =
+      std::max<int64_t>(1, (s.tokens + kBackwardChunks - 1) / kBackwardChunks);
+  const int64_t chunks = s.tokens == 0 ? 1 : (s.tokens + tokens_per_chunk - 1) / tokens_per_chunk;
+  at::Tensor grad_fresh = at::empty(fresh.sizes(), fresh.options());
+  const auto acc_options = in.w.options();
+  at::Tensor partial_grad_gate = at::empty({s.batch, chunks, s.hidden}, acc_options);
+  at::Tensor partial_grad_w = at::empty({s.batch, chunks}, acc_options);
+  if (s.numel() == 0) {
+    partial_grad_gate.zero_();
+    partial_grad_w.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "harmonica_blend_backward_cpu",
+                                    [&] {
+                                      blend_backward_kernel<scalar_t>(
+                                          in, tokens_per_chunk, chunks, grad_fresh.mutable_data_ptr<scalar_t>(),
+                                          partial_grad_gate.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+                                          partial_grad_w.mutable_data_ptr<at::opmath_type<scalar_t>>());
+                                    });
+  }
+  auto [grad_gate, grad_w] = launch::finish_blend_backward(partial_grad_gate, partial_grad_w, gate, w);
+  return {grad_gate, grad_fresh, grad_w};
+}
+
+// ---- per-sample selection --------------------------------------------------------------------
+
+at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index) {
+  const GatherRowsInputs in = prepare_gather_rows("harmonica.gather_rows", x, index);
+  check_rows_in_range_cpu("harmonica.gather_rows", in.index, in.shape.batch);
+  const int64_t rows = in.index.numel();
+  at::Tensor out = at::empty({rows, in.shape.tokens, in.shape.hidden}, x.options());
+  const int64_t row_bytes = in.shape.sample_numel() * static_cast<int64_t>(x.element_size());
+  const char* source = static_cast<const char*>(in.x.const_data_ptr());
+  char* target = static_cast<char*>(out.mutable_data_ptr());
+  const int64_t* row_index = in.index.const_data_ptr<int64_t>();
+  constexpr int64_t kGrainBytes = 1 << 18;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, row_bytes)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t j = begin; j < end; ++j) {
+                       std::memcpy(target + j * row_bytes, source + row_index[j] * row_bytes, row_bytes);
+                     }
+                   });
+  return out;
+}
+
+template <typename scalar_t>
+void gated_merge_kernel(const GatedMergeInputs& in, const int32_t* slot_of_row, scalar_t* cache, scalar_t* out) {
+  const HiddenShape s = in.shape;
+  const scalar_t* x = in.x.const_data_ptr<scalar_t>();
+  const scalar_t* gate = in.gate.const_data_ptr<scalar_t>();
+  const scalar_t* branch_active = in.branch_active.const_data_ptr<scalar_t>();
+  const int64_t gate_stride = in.gate.stride(0);
+  at::parallel_for(0, s.batch * s.tokens, grain_rows(s.hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / s.tokens;
+      const int64_t offset = row * s.hidden;
+      const int32_t slot = slot_of_row[b];
+      const scalar_t* value =
+          slot >= 0 ? branch_active + (slot * s.tokens + row % s.tokens) * s.hidden : cache + offset;
+      gated_residual_row(x + offset, gate + b * gate_stride, value, out + offset, s.hidden);
+      if (slot >= 0) {
+        std::memcpy(cache + offset, value, s.hidden * sizeof(scalar_t));
+      }
+    }
+  });
+}
+
+at::Tensor run_gated_merge(const char* op, const GatedMergeInputs& in, const at::Tensor& cache, const at::Tensor& out) {
+  const at::Tensor slot_of_row = slot_of_row_cpu(op, in.index, in.shape.batch);
+  if (in.shape.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "harmonica_gated_merge_cpu", [&] {
+    gated_merge_kernel<scalar_t>(in, slot_of_row.const_data_ptr<int32_t>(), cache.mutable_data_ptr<scalar_t>(),
+                                 out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor gated_merge_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch_active,
+                           const at::Tensor& index, const at::Tensor& cache) {
+  const char* op = "harmonica.gated_merge";
+  const GatedMergeInputs in = prepare_gated_merge(op, x, gate, branch_active, index, cache, false);
+  return run_gated_merge(op, in, cache, at::empty(x.sizes(), x.options()));
+}
+
+at::Tensor gated_merge_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch_active,
+                                   const at::Tensor& index, const at::Tensor& cache) {
+  const char* op = "harmonica.gated_merge_";
+  const GatedMergeInputs in = prepare_gated_merge(op, x, gate, branch_active, index, cache, true);
+  return run_gated_merge(op, in, cache, x);
+}
+
+}  // namespace
+}  // namespace harmonica
+
+TORCH_LIBRARY_IMPL(harmonica, CPU, m) {
+  m.impl("cache_write", &harmonica::cache_write_cpu);
+  m.impl("cache_write_", &harmonica::cache_write_inplace_cpu);
+  m.impl("cache_read", &harmonica::cache_read_cpu);
+  m.impl("cache_read_", &harmonica::cache_read_inplace_cpu);
+  m.impl("blend", &harmonica::blend_cpu);
+  m.impl("blend_backward", &harmonica::blend_backward_cpu);
+  m.impl("gather_rows", &harmonica::gather_rows_cpu);
+  m.impl("gated_merge", &harmonica::gated_merge_cpu);
+  m.impl("gated_merge_", &harmonica::gated_merge_inplace_cpu);
+}

@@ -1,0 +1,50 @@
+// Op schemas of the harmonica library. Always compiled, so a CPU-only build still defines every op;
+// the kernels are registered per device in cpu/cache_ops.cpp and cuda/cache_ops.cu.
+#include <Python.h>
+
+#include <torch/library.h>
+
+extern "C" {
+// `import harmonica._C` only needs to load this shared object so the static registrations below
+// run; the module itself is empty (all ops are reached through torch.ops.harmonica).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "harmonica C++/CUDA ops; use torch.ops.harmonica or harmonica.ops", -1,
+      nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(harmonica, m) {
+  // out = x + gate * branch, and cache <- branch in the same pass (a step that computes the branch).
+  m.def("cache_write(Tensor x, Tensor gate, Tensor branch, Tensor(a!) cache) -> Tensor");
+  m.def("cache_write_(Tensor(a!) x, Tensor gate, Tensor branch, Tensor(b!) cache) -> Tensor(a!)");
+  // out = x + gate * cache (a step that skips the branch).
+  m.def("cache_read(Tensor x, Tensor gate, Tensor cache) -> Tensor");
+  m.def("cache_read_(Tensor(a!) x, Tensor gate, Tensor cache) -> Tensor(a!)");
+  // out = x + gate * (w * fresh + (1 - w) * cache): the soft forward used to train the router.
+  m.def("blend(Tensor x, Tensor gate, Tensor fresh, Tensor cache, Tensor w) -> Tensor");
+  // (grad_gate, grad_fresh, grad_w) of blend in one pass; grad_x is grad_out and cache gets none.
+  m.def("blend_backward(Tensor grad_out, Tensor gate, Tensor fresh, Tensor cache, Tensor w) -> (Tensor, Tensor, Tensor)");
+  // x[index] for a per-sample schedule: the samples whose branch is computed this step.
+  m.def("gather_rows(Tensor x, Tensor index) -> Tensor");
+  // Rows in `index` take branch_active (and refresh their cache slot), the others read the cache.
+  m.def("gated_merge(Tensor x, Tensor gate, Tensor branch_active, Tensor index, Tensor(a!) cache) -> Tensor");
+  m.def("gated_merge_(Tensor(a!) x, Tensor gate, Tensor branch_active, Tensor index, Tensor(b!) cache) -> Tensor(a!)");
+
+  // Test hooks (CPU only): run the per-thread body of the CUDA kernel on the CPU for every
+  // simulated (block, thread) of a 1-D launch. grid_dim == 0 uses the launcher's grid size;
+  // vector_width == 0 uses the launcher's choice, 1 forces the scalar path, 16 / itemsize forces
+  // 16-byte packs (an error if the pointers or shape do not allow it).
+  m.def("_simulate_cuda_cache_write(Tensor x, Tensor gate, Tensor branch, Tensor(a!) cache, int block_dim, "
+        "int grid_dim, int vector_width) -> Tensor");
+  m.def("_simulate_cuda_cache_read(Tensor x, Tensor gate, Tensor cache, int block_dim, int grid_dim, "
+        "int vector_width) -> Tensor");
+  m.def("_simulate_cuda_blend(Tensor x, Tensor gate, Tensor fresh, Tensor cache, Tensor w, int block_dim, "
+        "int grid_dim, int vector_width) -> Tensor");
+  m.def("_simulate_cuda_blend_backward(Tensor grad_out, Tensor gate, Tensor fresh, Tensor cache, Tensor w, "
+        "int block_dim, int grid_dim, int vector_width) -> (Tensor, Tensor, Tensor)");
+  m.def("_simulate_cuda_gather_rows(Tensor x, Tensor index, int block_dim, int grid_dim, int vector_width) -> Tensor");
+  m.def("_simulate_cuda_gated_merge(Tensor x, Tensor gate, Tensor branch_active, Tensor index, Tensor(a!) cache, "
+        "int block_dim, int grid_dim, int vector_width) -> Tensor");
+}

@@ -1,0 +1,271 @@
+"""Fused cache ops of harmonica (C++/CUDA kernels in csrc/, registered as torch.ops.harmonica.*).
+
+Shapes: ``x``, ``branch``, ``fresh``, ``cache`` are (B, N, D) hidden states; ``gate`` is the adaLN
+gate, (B, D) or (B, 1, D), broadcast over the N tokens. float32, float16, bfloat16 and float64 are
+supported; half types are computed in float32 and rounded once on store.
+
+Contiguity: read-only inputs may be strided (they are made contiguous, or for ``gate`` read with
+its batch stride); tensors written in place (``cache``, and ``x`` for the ``*_`` variants) must be
+contiguous, otherwise a clear error is raised.
+
+Validation happens in C++ and names the argument. Two checks differ by device, to keep CUDA free
+of host synchronisations: ``w`` outside [0, 1] and out-of-range or duplicate indices raise a
+RuntimeError on CPU, and trigger a device-side assert on CUDA (reported at the next sync).
+
+``reference`` holds a pure-PyTorch implementation of every op with the same signature: the
+specification the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.harmonica.*)
+except ImportError as error:  # pragma: no cover - only without a build
+    raise ImportError(
+        "harmonica._C is not built; install the package with "
+        "`pip install --no-build-isolation -e .` (HARMONICA_CUDA=0 for a CPU-only build)"
+    ) from error
+
+__all__ = [
+    "cache_write",
+    "cache_write_",
+    "cache_read",
+    "cache_read_",
+    "blend",
+    "gather_rows",
+    "gated_merge",
+    "gated_merge_",
+    "reference",
+]
+
+_ops = torch.ops.harmonica
+
+
+def cache_write(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """Return ``x + gate * branch`` and store ``branch`` into ``cache`` (in place) in the same pass."""
+    return _ops.cache_write.default(x, gate, branch, cache)
+
+
+def cache_write_(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """``cache_write`` that updates ``x`` in place and returns it (no output allocation)."""
+    return _ops.cache_write_.default(x, gate, branch, cache)
+
+
+def cache_read(x: torch.Tensor, gate: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """Return ``x + gate * cache``: the residual add of a skipped branch."""
+    return _ops.cache_read.default(x, gate, cache)
+
+
+def cache_read_(x: torch.Tensor, gate: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """``cache_read`` that updates ``x`` in place and returns it."""
+    return _ops.cache_read_.default(x, gate, cache)
+
+
+def blend(
+    x: torch.Tensor, gate: torch.Tensor, fresh: torch.Tensor, cache: torch.Tensor, w: torch.Tensor | float
+) -> torch.Tensor:
+    """Return ``x + gate * (w * fresh + (1 - w) * cache)``, the soft forward used to train the router.
+
+    ``w`` is a 0-dim tensor, a per-sample (B,) tensor, or a Python float, all in [0, 1].
+    Differentiable with respect to x, gate, fresh and w; ``cache`` is a detached slot and gets no
+    gradient.
+    """
+    if not isinstance(w, torch.Tensor):
+        if not 0.0 <= float(w) <= 1.0:
+            raise ValueError(f"harmonica.blend: `w` must lie in [0, 1] (a sigmoid routing weight), got {w}")
+        w = torch.tensor(float(w), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    return _ops.blend.default(x, gate, fresh, cache, w)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Return ``x[index]`` (index: 1-D int64 on x's device), the samples that compute this step."""
+    return _ops.gather_rows.default(x, index)
+
+
+def gated_merge(
+    x: torch.Tensor, gate: torch.Tensor, branch_active: torch.Tensor, index: torch.Tensor, cache: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample schedule in one pass.
+
+    Sample ``index[j]`` takes ``x + gate * branch_active[j]`` and refreshes its cache slot; every
+    other sample takes ``x + gate * cache``. ``index`` must not repeat a sample.
+    """
+    return _ops.gated_merge.default(x, gate, branch_active, index, cache)
+
+
+def gated_merge_(
+    x: torch.Tensor, gate: torch.Tensor, branch_active: torch.Tensor, index: torch.Tensor, cache: torch.Tensor
+) -> torch.Tensor:
+    """``gated_merge`` that updates ``x`` in place and returns it."""
+    return _ops.gated_merge_.default(x, gate, branch_active, index, cache)
+
+
+# ---- fake (meta) kernels: output shapes for torch.compile / FakeTensor tracing --------------------
+
+
+def _like_hidden(x: torch.Tensor) -> torch.Tensor:
+    # The kernels always return contiguous outputs, whatever the input strides.
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("harmonica::cache_write")
+def _(x, gate, branch, cache):
+    return _like_hidden(x)
+
+
+@torch.library.register_fake("harmonica::cache_write_")
+def _(x, gate, branch, cache):
+    return x
+
+
+@torch.library.register_fake("harmonica::cache_read")
+def _(x, gate, cache):
+    return _like_hidden(x)
+
+
+@torch.library.register_fake("harmonica::cache_read_")
+def _(x, gate, cache):
+    return x
+
+
+@torch.library.register_fake("harmonica::blend")
+def _(x, gate, fresh, cache, w):
+    return _like_hidden(x)
+
+
+@torch.library.register_fake("harmonica::blend_backward")
+def _(grad_out, gate, fresh, cache, w):
+    return gate.new_empty(gate.shape), fresh.new_empty(fresh.shape), w.new_empty(w.shape)
+
+
+@torch.library.register_fake("harmonica::gather_rows")
+def _(x, index):
+    return x.new_empty((index.shape[0], *x.shape[1:]))
+
+
+@torch.library.register_fake("harmonica::gated_merge")
+def _(x, gate, branch_active, index, cache):
+    return _like_hidden(x)
+
+
+@torch.library.register_fake("harmonica::gated_merge_")
+def _(x, gate, branch_active, index, cache):
+    return x
+
+
+@torch.library.register_fake("harmonica::_simulate_cuda_cache_write")
+def _(x, gate, branch, cache, block_dim, grid_dim, vector_width):
+    return _like_hidden(x)
+
+
+@torch.library.register_fake("harmonica::_simulate_cuda_cache_read")
+def _(x, gate, cache, block_dim, grid_dim, vector_width):
+    return _like_hidden(x)
+
+
+@torch.library.register_fake("harmonica::_simulate_cuda_blend")
+def _(x, gate, fresh, cache, w, block_dim, grid_dim, vector_width):
+    return _like_hidden(x)
+
+
+@torch.library.register_fake("harmonica::_simulate_cuda_blend_backward")
+def _(grad_out, gate, fresh, cache, w, block_dim, grid_dim, vector_width):
+    return gate.new_empty(gate.shape), fresh.new_empty(fresh.shape), w.new_empty(w.shape)
+
+
+@torch.library.register_fake("harmonica::_simulate_cuda_gather_rows")
+def _(x, index, block_dim, grid_dim, vector_width):
+    return x.new_empty((index.shape[0], *x.shape[1:]))
+
+
+@torch.library.register_fake("harmonica::_simulate_cuda_gated_merge")
+def _(x, gate, branch_active, index, cache, block_dim, grid_dim, vector_width):
+    return _like_hidden(x)
+
+
+# ---- autograd for blend -------------------------------------------------------------------------
+
+
+def _blend_setup_context(ctx, inputs, output):
+    _, gate, fresh, cache, w = inputs
+    ctx.save_for_backward(gate, fresh, cache, w)
+
+
+def _blend_backward(ctx, grad_out):
+    gate, fresh, cache, w = ctx.saved_tensors
+    needs_x, needs_gate, needs_fresh, _, needs_w = ctx.needs_input_grad
+    grad_gate = grad_fresh = grad_w = None
+    if needs_gate or needs_fresh or needs_w:
+        # One fused pass yields all three; the unused ones are cheap by-products of the same reads.
+        grad_gate, grad_fresh, grad_w = _ops.blend_backward.default(grad_out, gate, fresh, cache, w)
+    return (
+        grad_out if needs_x else None,
+        grad_gate if needs_gate else None,
+        grad_fresh if needs_fresh else None,
+        None,
+        grad_w if needs_w else None,
+    )
+
+
+torch.library.register_autograd("harmonica::blend", _blend_backward, setup_context=_blend_setup_context)
+
+
+# ---- pure-PyTorch reference -----------------------------------------------------------------------
+
+
+class reference:
+    """Eager PyTorch implementations of every op, same signatures: the specification.
+
+    Arithmetic is done in float32 (float64 for float64 inputs) and rounded once to the input dtype,
+    which is what the kernels promise. Mutations (cache slots, in-place ``x``) are the same.
+    """
+
+    @staticmethod
+    def _acc(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+    @staticmethod
+    def _gate(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return reference._acc(gate).reshape(x.shape[0], 1, x.shape[-1])
+
+    @staticmethod
+    def cache_write(x, gate, branch, cache):
+        out = (reference._acc(x) + reference._gate(gate, x) * reference._acc(branch)).to(x.dtype)
+        cache.copy_(branch)
+        return out
+
+    @staticmethod
+    def cache_write_(x, gate, branch, cache):
+        return x.copy_(reference.cache_write(x, gate, branch, cache))
+
+    @staticmethod
+    def cache_read(x, gate, cache):
+        return (reference._acc(x) + reference._gate(gate, x) * reference._acc(cache)).to(x.dtype)
+
+    @staticmethod
+    def cache_read_(x, gate, cache):
+        return x.copy_(reference.cache_read(x, gate, cache))
+
+    @staticmethod
+    def blend(x, gate, fresh, cache, w):
+        w = torch.as_tensor(w, device=x.device)
+        w_acc = reference._acc(w).reshape(-1, 1, 1) if w.dim() == 1 else reference._acc(w)
+        value = w_acc * reference._acc(fresh) + (1 - w_acc) * reference._acc(cache.detach())
+        return (reference._acc(x) + reference._gate(gate, x) * value).to(x.dtype)
+
+    @staticmethod
+    def gather_rows(x, index):
+        return x[index]
+
+    @staticmethod
+    def gated_merge(x, gate, branch_active, index, cache):
+        value = cache.clone()
+        value[index] = branch_active
+        cache[index] = branch_active
+        return (reference._acc(x) + reference._gate(gate, x) * reference._acc(value)).to(x.dtype)
+
+    @staticmethod
+    def gated_merge_(x, gate, branch_active, index, cache):
+        return x.copy_(reference.gated_merge(x, gate, branch_active, index, cache))
