@@ -1,0 +1,73 @@
+"""DiT: diffusers BasicTransformerBlock with ``norm_type="ada_norm_zero"`` (DiTTransformer2DModel)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..schedule import ModelCost
+
+NAME = "dit"
+DESCRIPTION = "DiTTransformer2DModel / Transformer2DModel with ada_norm_zero blocks, e.g. DiTPipeline"
+
+
+def matches(block: nn.Module) -> bool:
+    return (
+        getattr(block, "norm_type", None) == "ada_norm_zero"
+        and getattr(block, "attn2", None) is None
+        and getattr(block, "pos_embed", None) is None
+    )
+
+
+def block_forward(
+    block,
+    index: int,
+    state,
+    hidden_states: torch.Tensor,
+    attention_mask=None,
+    encoder_hidden_states=None,
+    encoder_attention_mask=None,
+    timestep=None,
+    cross_attention_kwargs=None,
+    class_labels=None,
+    added_cond_kwargs=None,
+) -> torch.Tensor:
+    from . import rows
+
+    norm1 = block.norm1
+    # The adaLN modulation is per sample (no tokens): always computed, so the gate follows the step.
+    emb = norm1.linear(norm1.silu(norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+    attn_kwargs = cross_attention_kwargs or {}
+
+    def attn(x: torch.Tensor, index_rows: torch.Tensor | None) -> torch.Tensor:
+        h = norm1.norm(x) * (1 + rows(scale_msa, index_rows)[:, None]) + rows(shift_msa, index_rows)[:, None]
+        return block.attn1(h, attention_mask=rows(attention_mask, index_rows), **attn_kwargs)
+
+    def mlp(x: torch.Tensor, index_rows: torch.Tensor | None) -> torch.Tensor:
+        h = block.norm3(x) * (1 + rows(scale_mlp, index_rows)[:, None]) + rows(shift_mlp, index_rows)[:, None]
+        return block.ff(h)
+
+    hidden_states = state.run_branch(index, 0, hidden_states, gate_msa, attn)
+    return state.run_branch(index, 1, hidden_states, gate_mlp, mlp)
+
+
+def model_cost(transformer: nn.Module, batch: int, height: int, width: int, text_tokens: int = 0) -> ModelCost:
+    from . import attention_flops, linear_flops, patch_embed_flops
+
+    patch = transformer.config.patch_size
+    tokens = (height // patch) * (width // patch)
+    block = transformer.transformer_blocks[0]
+    dim = block.norm3.normalized_shape[0]
+    num_blocks = len(transformer.transformer_blocks)
+    # Layer norm + modulation: ~8 FLOPs per element, part of the branch a skip avoids.
+    attn = attention_flops(block.attn1, tokens, tokens) + 8.0 * tokens * dim
+    mlp = linear_flops(block.ff, tokens) + 8.0 * tokens * dim
+    per_block_fixed = linear_flops(block.norm1, 1) + 2 * 2.0 * tokens * dim  # modulation + 2 gated adds
+    fixed = (
+        num_blocks * per_block_fixed
+        + patch_embed_flops(transformer, tokens)
+        + linear_flops(transformer.proj_out_1, 1)
+        + linear_flops(transformer.proj_out_2, tokens)
+    )
+    return ModelCost(attn=batch * attn, mlp=batch * mlp, fixed=batch * fixed)
