@@ -1,0 +1,330 @@
+"""The ``harmonica`` command line: demo | train | sample | evaluate | plot | bench.
+
+Exit codes: 0 success, 1 the job failed, 2 bad command line or input (missing file, a schedule for
+another model, an unknown scheduler...). Errors are one line on stderr; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("harmonica")
+
+
+class UsageError(Exception):
+    """Bad input from the command line: exit code 2, one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _load_plan(path: str):
+    """A Router or a Schedule from a .safetensors file, whichever the file holds."""
+    from .schedule import Router, Schedule
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"schedule/router file not found: {path}")
+    errors = []
+    for cls in (Router, Schedule):
+        try:
+            return cls.load(p)
+        except ValueError as e:
+            errors.append(str(e))
+    raise UsageError(f"{path} is neither a harmonica router nor a schedule ({errors[-1]})")
+
+
+def _schedule_from(path: str, threshold: float | None):
+    from .schedule import Router
+
+    plan = _load_plan(path)
+    if isinstance(plan, Router):
+        return plan.to_schedule(threshold if threshold is not None else plan.metadata.get("threshold", 0.1))
+    return plan
+
+
+def _bundled_router(method: str, sampler: str, steps: int):
+    from .testbed import load_router
+
+    return load_router(method, sampler, steps)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _testbed_runs(bed, schedule, labels, args):
+    """Uncached and cached samples of the testbed from the same noise, with their wall times."""
+    from . import testbed
+    from .apply import disable_cache, enable_cache
+
+    kwargs = dict(seed=args.seed, num_inference_steps=schedule.num_steps, guidance_scale=args.guidance,
+                  sampler=args.scheduler, progress=not args.quiet)
+    testbed.generate(bed, labels[:2], **kwargs)  # warm-up: allocator and thread pool, not timed
+    uncached, t_uncached = _timed(lambda: testbed.generate(bed, labels, **kwargs))
+    enable_cache(bed.transformer, schedule)
+    try:
+        cached, t_cached = _timed(lambda: testbed.generate(bed, labels, **kwargs))
+    finally:
+        disable_cache(bed.transformer)
+    return uncached, cached, t_uncached, t_cached
+
+
+# ----------------------------------------------------------------------------------------- commands
+def cmd_demo(args) -> int:
+    from . import evaluate, testbed
+    from .apply import model_cost
+    from .viz import plot_schedule, save_image_grid
+
+    out = Path(args.out)
+    bed = testbed.load()
+    if args.train:
+        from .train import TrainConfig, train_router
+
+        log.info("training a HarmoniCa router on the testbed (%d trajectories)", args.iterations)
+        config = TrainConfig(method="harmonica", num_steps=args.steps, guidance_scale=args.guidance,
+                             iterations=args.iterations, target_speedup=args.target_speedup,
+                             progress=not args.quiet, seed=args.seed)
+        router = train_router(bed.transformer, bed.make_scheduler(args.scheduler), config)
+    else:
+        router = _bundled_router("harmonica", args.scheduler, args.steps)
+    schedule = router.to_schedule(router.metadata.get("threshold", 0.1))
+    labels = torch_arange_labels(args.num_images, len(bed.class_names))
+    log.info("sampling %d images with and without the cache (%s, %d steps, guidance %.1f)",
+             args.num_images, args.scheduler, args.steps, args.guidance)
+    uncached, cached, t_uncached, t_cached = _testbed_runs(bed, schedule, labels, args)
+    cost = model_cost(bed.transformer, batch=2 * min(args.num_images, 250))
+    summary = {
+        "images": args.num_images,
+        "cache_usage": schedule.cache_usage,
+        "theoretical_speedup": schedule.theoretical_speedup(cost),
+        "measured_speedup": t_uncached / t_cached,
+        "uncached_seconds": t_uncached,
+        "cached_seconds": t_cached,
+        "psnr_vs_uncached_db": float(evaluate.psnr(cached, uncached).mean()),
+        "ssim_vs_uncached": float(evaluate.ssim(cached, uncached).mean()),
+        "accuracy_uncached": evaluate.classifier_accuracy(uncached, labels),
+        "accuracy_cached": evaluate.classifier_accuracy(cached, labels),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    n_show = min(10, args.num_images)
+    save_image_grid([uncached[:n_show], cached[:n_show]], out / "samples.png", row_labels=["uncached", "cached"],
+                    column_labels=[bed.class_names[int(y)] for y in labels[:n_show]],
+                    title=f"same noise, {args.steps} {args.scheduler} steps; cached: CUR {schedule.cache_usage:.0%}, "
+                          f"{summary['measured_speedup']:.2f}x faster")
+    plot_schedule(router, out / "schedule.png", threshold=router.metadata.get("threshold", 0.1),
+                  title=f"HarmoniCa router, testbed DiT, {args.scheduler} {args.steps} steps")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"cache usage {summary['cache_usage']:.1%} | speedup {summary['measured_speedup']:.2f}x measured, "
+          f"{summary['theoretical_speedup']:.2f}x theoretical | PSNR {summary['psnr_vs_uncached_db']:.1f} dB, "
+          f"SSIM {summary['ssim_vs_uncached']:.3f} vs uncached | classifier accuracy "
+          f"{summary['accuracy_uncached']:.1%} uncached, {summary['accuracy_cached']:.1%} cached")
+    print(f"wrote {out / 'samples.png'}, {out / 'schedule.png'}, {out / 'summary.json'}")
+    return 0
+
+
+def torch_arange_labels(n: int, num_classes: int):
+    import torch
+
+    return torch.arange(n) % num_classes
+
+
+def cmd_plot(args) -> int:
+    from .schedule import Router
+    from .viz import plot_schedule
+
+    plan = _load_plan(args.schedule)
+    threshold = args.threshold if args.threshold is not None else (
+        plan.metadata.get("threshold", 0.1) if isinstance(plan, Router) else 0.1)
+    path = plot_schedule(plan, args.out, threshold=threshold, title=args.title)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from . import testbed
+    from .viz import save_image_grid
+
+    if args.model != "testbed":
+        raise UsageError("sample currently runs the bundled testbed (--model testbed); for a diffusers "
+                         "pipeline use harmonica.enable_cache(pipe, schedule) from Python (see README)")
+    bed = testbed.load()
+    if args.schedule:
+        schedule = _schedule_from(args.schedule, args.threshold)
+    else:
+        schedule = _bundled_router("harmonica", args.scheduler, args.steps).to_schedule(0.1)
+    schedule.check_compatible(num_steps=args.steps)
+    labels = torch_arange_labels(args.num_images, len(bed.class_names))
+    _, cached, t_uncached, t_cached = _testbed_runs(bed, schedule, labels, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_image_grid([cached[i:i + 10] for i in range(0, len(cached), 10)], out / "samples.png",
+                    title=f"cached samples, CUR {schedule.cache_usage:.0%}")
+    print(f"{args.num_images} images in {t_cached:.2f} s cached vs {t_uncached:.2f} s uncached "
+          f"({t_uncached / t_cached:.2f}x); wrote {out / 'samples.png'}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .compare import main as compare_main
+
+    return compare_main(args.compare_args)
+
+
+def cmd_bench(args) -> int:
+    import torch
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    from .apply import disable_cache, enable_cache, model_cost
+    from .sampling import sample
+    from .schedule import Schedule
+
+    shapes = {"dit-xl": (28, 16, 72, 32), "dit-b": (12, 12, 64, 32), "testbed": None}
+    if args.shape == "testbed":
+        from . import testbed
+
+        model = testbed.load().transformer
+    else:
+        layers, heads, head_dim, size = shapes[args.shape]
+        torch.manual_seed(0)
+        model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+                                      out_channels=8, num_layers=layers, sample_size=size, patch_size=2,
+                                      num_embeds_ada_norm=1000).eval().requires_grad_(False)
+    blocks = len(model.transformer_blocks)
+    schedule = _schedule_from(args.schedule, args.threshold) if args.schedule else Schedule.fora(args.steps, blocks, 2)
+    schedule.check_compatible(num_blocks=blocks, num_steps=args.steps)
+    size, channels = model.config.sample_size, model.config.in_channels
+    latents = torch.randn(args.batch, channels, size, size, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(args.batch, dtype=torch.long)
+    null = model.transformer_blocks[0].norm1.emb.class_embedder.num_classes
+
+    def run():
+        return sample(model, DDIMScheduler(), latents, num_inference_steps=args.steps,
+                      cond={"class_labels": labels}, uncond={"class_labels": torch.full_like(labels, null)},
+                      guidance_scale=1.5, progress=False)
+
+    run()
+    t_uncached = min(_timed(run)[1] for _ in range(args.rounds))
+    enable_cache(model, schedule)
+    try:
+        run()
+        t_cached = min(_timed(run)[1] for _ in range(args.rounds))
+    finally:
+        disable_cache(model)
+    theoretical = schedule.theoretical_speedup(model_cost(model, batch=2 * args.batch))
+    print(f"{args.shape}: {blocks} blocks, batch {args.batch} (x2 CFG), {args.steps} steps, CUR "
+          f"{schedule.cache_usage:.1%}: uncached {t_uncached:.3f} s, cached {t_cached:.3f} s -> "
+          f"{t_uncached / t_cached:.2f}x measured, {theoretical:.2f}x theoretical")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train_router
+
+    if args.model != "testbed":
+        raise UsageError("train from the command line supports --model testbed; for other diffusers models "
+                         "call harmonica.train_router from Python (see README)")
+    from . import testbed
+
+    bed = testbed.load()
+    config = TrainConfig(method=args.method, num_steps=args.steps, guidance_scale=args.guidance,
+                         iterations=args.iterations, target_speedup=args.target_speedup, seed=args.seed,
+                         checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress=not args.quiet)
+    router = train_router(bed.transformer, bed.make_scheduler(args.scheduler), config)
+    router.save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from .sampling import SCHEDULERS
+
+    parser = argparse.ArgumentParser(prog="harmonica", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common_sampling(p, steps=20):
+        p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS, help="diffusers sampler (default ddim)")
+        p.add_argument("--steps", type=int, default=steps, help="model evaluations per image (default %(default)s)")
+        p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
+        p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="cached vs uncached sampling of the bundled testbed DiT, with plots")
+    common_sampling(p)
+    p.add_argument("--num-images", type=int, default=200, help="images per run (default %(default)s)")
+    p.add_argument("--out", default="outputs/demo", help="folder for samples.png, schedule.png, summary.json")
+    p.add_argument("--train", action="store_true", help="train the router instead of loading the bundled one")
+    p.add_argument("--iterations", type=int, default=40, help="training trajectories with --train")
+    p.add_argument("--target-speedup", type=float, default=None, help="target theoretical speedup with --train")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a router (HarmoniCa or L2C)")
+    common_sampling(p)
+    p.add_argument("--model", default="testbed", help="model to train for (default: the bundled testbed)")
+    p.add_argument("--method", default="harmonica", choices=("harmonica", "l2c"))
+    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--target-speedup", type=float, default=None)
+    p.add_argument("--checkpoint-dir", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--out", required=True, help="router file to write (.safetensors)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample the testbed with a router/schedule applied; prints timing")
+    common_sampling(p)
+    p.add_argument("--model", default="testbed")
+    p.add_argument("--schedule", help="router or schedule .safetensors (default: the bundled HarmoniCa router)")
+    p.add_argument("--threshold", type=float, default=None, help="router threshold (default: its own)")
+    p.add_argument("--num-images", type=int, default=20)
+    p.add_argument("--out", default="outputs/sample")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="comparison table (FID, accuracy, PSNR, CUR, speedups)",
+                       add_help=False)
+    p.add_argument("compare_args", nargs=argparse.REMAINDER, help="arguments of python -m harmonica.compare")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plot", help="heatmap PNG of a router or schedule")
+    p.add_argument("schedule", help="router or schedule .safetensors")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("bench", help="end-to-end sampling latency with and without the cache")
+    p.add_argument("--shape", default="dit-xl", choices=("dit-xl", "dit-b", "testbed"))
+    p.add_argument("--schedule", help="router or schedule file (default: FORA interval 2)")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=1, help="images per batch (the transformer sees 2x with CFG)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="harmonica: %(message)s")
+    try:
+        return args.func(args)
+    except (UsageError, FileNotFoundError, ValueError, TypeError) as e:
+        if args.debug:
+            raise
+        print(f"harmonica: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - the CLI's contract is one line and a non-zero exit
+        if args.debug:
+            raise
+        print(f"harmonica: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
