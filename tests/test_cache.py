@@ -18,6 +18,7 @@ from diffusers import (
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     Transformer2DModel,
 )
@@ -166,8 +167,8 @@ def test_dit_pipeline_full_schedule_matches_unpatched():
     assert rel_err(got, expected) <= 1e-5
 
 
-def pixart_pipeline() -> PixArtAlphaPipeline:
-    return PixArtAlphaPipeline(
+def pixart_pipeline(cls=PixArtAlphaPipeline):
+    return cls(
         tokenizer=None, text_encoder=None, vae=make_vae(), transformer=make_pixart(),
         scheduler=DPMSolverMultistepScheduler(),
     )
@@ -183,8 +184,9 @@ def pixart_pipeline_kwargs():
     )
 
 
-def test_pixart_pipeline_full_schedule_matches_unpatched():
-    pipe = pixart_pipeline()
+@pytest.mark.parametrize("pipeline_cls", [PixArtAlphaPipeline, PixArtSigmaPipeline], ids=lambda c: c.__name__)
+def test_pixart_pipeline_full_schedule_matches_unpatched(pipeline_cls):
+    pipe = pixart_pipeline(pipeline_cls)
     expected = pipe(**pixart_pipeline_kwargs(), generator=torch.Generator().manual_seed(0)).images
     hc.enable_cache(pipe, hc.Schedule.full(STEPS, BLOCKS))
     got = pipe(**pixart_pipeline_kwargs(), generator=torch.Generator().manual_seed(0)).images
