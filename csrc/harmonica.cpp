@@ -18,10 +18,12 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(harmonica, m) {
   // out = x + gate * branch, and cache <- branch in the same pass (a step that computes the branch).
   m.def("cache_write(Tensor x, Tensor gate, Tensor branch, Tensor(a!) cache) -> Tensor");
-  m.def("cache_write_(Tensor(a!) x, Tensor gate, Tensor branch, Tensor(b!) cache) -> Tensor(a!)");
+  // The in-place variants return nothing: functionalization (torch.compile, opcheck) rejects
+  // custom ops whose outputs alias inputs. The Python wrappers return x.
+  m.def("cache_write_(Tensor(a!) x, Tensor gate, Tensor branch, Tensor(b!) cache) -> ()");
   // out = x + gate * cache (a step that skips the branch).
   m.def("cache_read(Tensor x, Tensor gate, Tensor cache) -> Tensor");
-  m.def("cache_read_(Tensor(a!) x, Tensor gate, Tensor cache) -> Tensor(a!)");
+  m.def("cache_read_(Tensor(a!) x, Tensor gate, Tensor cache) -> ()");
   // out = x + gate * (w * fresh + (1 - w) * cache): the soft forward used to train the router.
   m.def("blend(Tensor x, Tensor gate, Tensor fresh, Tensor cache, Tensor w) -> Tensor");
   // (grad_gate, grad_fresh, grad_w) of blend in one pass; grad_x is grad_out and cache gets none.
@@ -30,7 +32,7 @@ TORCH_LIBRARY(harmonica, m) {
   m.def("gather_rows(Tensor x, Tensor index) -> Tensor");
   // Rows in `index` take branch_active (and refresh their cache slot), the others read the cache.
   m.def("gated_merge(Tensor x, Tensor gate, Tensor branch_active, Tensor index, Tensor(a!) cache) -> Tensor");
-  m.def("gated_merge_(Tensor(a!) x, Tensor gate, Tensor branch_active, Tensor index, Tensor(b!) cache) -> Tensor(a!)");
+  m.def("gated_merge_(Tensor(a!) x, Tensor gate, Tensor branch_active, Tensor index, Tensor(b!) cache) -> ()");
 
   // Test hooks (CPU only): run the per-thread body of the CUDA kernel on the CPU for every
   // simulated (block, thread) of a 1-D launch. grid_dim == 0 uses the launcher's grid size;

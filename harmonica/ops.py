@@ -50,7 +50,8 @@ def cache_write(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor, cache
 
 def cache_write_(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """``cache_write`` that updates ``x`` in place and returns it (no output allocation)."""
-    return _ops.cache_write_.default(x, gate, branch, cache)
+    _ops.cache_write_.default(x, gate, branch, cache)
+    return x
 
 
 def cache_read(x: torch.Tensor, gate: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,8 @@ def cache_read(x: torch.Tensor, gate: torch.Tensor, cache: torch.Tensor) -> torc
 
 def cache_read_(x: torch.Tensor, gate: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """``cache_read`` that updates ``x`` in place and returns it."""
-    return _ops.cache_read_.default(x, gate, cache)
+    _ops.cache_read_.default(x, gate, cache)
+    return x
 
 
 def blend(
@@ -99,7 +101,8 @@ def gated_merge_(
     x: torch.Tensor, gate: torch.Tensor, branch_active: torch.Tensor, index: torch.Tensor, cache: torch.Tensor
 ) -> torch.Tensor:
     """``gated_merge`` that updates ``x`` in place and returns it."""
-    return _ops.gated_merge_.default(x, gate, branch_active, index, cache)
+    _ops.gated_merge_.default(x, gate, branch_active, index, cache)
+    return x
 
 
 # ---- fake (meta) kernels: output shapes for torch.compile / FakeTensor tracing --------------------
@@ -117,7 +120,7 @@ def _(x, gate, branch, cache):
 
 @torch.library.register_fake("harmonica::cache_write_")
 def _(x, gate, branch, cache):
-    return x
+    return None
 
 
 @torch.library.register_fake("harmonica::cache_read")
@@ -127,7 +130,7 @@ def _(x, gate, cache):
 
 @torch.library.register_fake("harmonica::cache_read_")
 def _(x, gate, cache):
-    return x
+    return None
 
 
 @torch.library.register_fake("harmonica::blend")
@@ -152,7 +155,7 @@ def _(x, gate, branch_active, index, cache):
 
 @torch.library.register_fake("harmonica::gated_merge_")
 def _(x, gate, branch_active, index, cache):
-    return x
+    return None
 
 
 @torch.library.register_fake("harmonica::_simulate_cuda_cache_write")

@@ -124,10 +124,10 @@ at::Tensor cache_write_cpu(const at::Tensor& x, const at::Tensor& gate, const at
   return run_gated_residual(in, at::empty(x.sizes(), x.options()), &cache);
 }
 
-at::Tensor cache_write_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch,
+void cache_write_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch,
                                    const at::Tensor& cache) {
   const GatedResidualInputs in = prepare_cache_write("harmonica.cache_write_", x, gate, branch, cache, true);
-  return run_gated_residual(in, x, &cache);
+  run_gated_residual(in, x, &cache);
 }
 
 at::Tensor cache_read_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cache) {
@@ -135,9 +135,9 @@ at::Tensor cache_read_cpu(const at::Tensor& x, const at::Tensor& gate, const at:
   return run_gated_residual(in, at::empty(x.sizes(), x.options()), nullptr);
 }
 
-at::Tensor cache_read_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cache) {
+void cache_read_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cache) {
   const GatedResidualInputs in = prepare_cache_read("harmonica.cache_read_", x, gate, cache, true);
-  return run_gated_residual(in, x, nullptr);
+  run_gated_residual(in, x, nullptr);
 }
 
 // ---- blend ---------------------------------------------------------------------------------------
@@ -334,11 +334,11 @@ at::Tensor gated_merge_cpu(const at::Tensor& x, const at::Tensor& gate, const at
   return run_gated_merge(op, in, cache, at::empty(x.sizes(), x.options()));
 }
 
-at::Tensor gated_merge_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch_active,
+void gated_merge_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch_active,
                                    const at::Tensor& index, const at::Tensor& cache) {
   const char* op = "harmonica.gated_merge_";
   const GatedMergeInputs in = prepare_gated_merge(op, x, gate, branch_active, index, cache, true);
-  return run_gated_merge(op, in, cache, x);
+  run_gated_merge(op, in, cache, x);
 }
 
 }  // namespace

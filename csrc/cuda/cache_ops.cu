@@ -127,10 +127,10 @@ at::Tensor cache_write_cuda(const at::Tensor& x, const at::Tensor& gate, const a
                             at::empty(x.sizes(), x.options()), &cache);
 }
 
-at::Tensor cache_write_inplace_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch,
+void cache_write_inplace_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch,
                                     const at::Tensor& cache) {
   const char* op = "harmonica.cache_write_";
-  return run_gated_residual(op, prepare_cache_write(op, x, gate, branch, cache, true), x, &cache);
+  run_gated_residual(op, prepare_cache_write(op, x, gate, branch, cache, true), x, &cache);
 }
 
 at::Tensor cache_read_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cache) {
@@ -139,14 +139,14 @@ at::Tensor cache_read_cuda(const at::Tensor& x, const at::Tensor& gate, const at
                             nullptr);
 }
 
-at::Tensor cache_read_inplace_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cache) {
+void cache_read_inplace_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cache) {
   const char* op = "harmonica.cache_read_";
-  return run_gated_residual(op, prepare_cache_read(op, x, gate, cache, true), x, nullptr);
+  run_gated_residual(op, prepare_cache_read(op, x, gate, cache, true), x, nullptr);
 }
 
 void check_w_on_device(const at::Tensor& w_acc) {
   AT_DISPATCH_FLOATING_TYPES(w_acc.scalar_type(), "harmonica_check_w_cuda", [&] {
-    launch_kernel(check_w_range_kernel<scalar_t>, w_acc.numel(), w_acc.const_data_ptr<scalar_t>());
+    launch_kernel(check_w_range_kernel<scalar_t>, w_acc.numel(), w_acc.const_data_ptr<scalar_t>(), w_acc.numel());
   });
 }
 
@@ -283,10 +283,10 @@ at::Tensor gated_merge_cuda(const at::Tensor& x, const at::Tensor& gate, const a
                          at::empty(x.sizes(), x.options()));
 }
 
-at::Tensor gated_merge_inplace_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch_active,
+void gated_merge_inplace_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch_active,
                                     const at::Tensor& index, const at::Tensor& cache) {
   const char* op = "harmonica.gated_merge_";
-  return run_gated_merge(op, prepare_gated_merge(op, x, gate, branch_active, index, cache, true), cache, x);
+  run_gated_merge(op, prepare_gated_merge(op, x, gate, branch_active, index, cache, true), cache, x);
 }
 
 }  // namespace

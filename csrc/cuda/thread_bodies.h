@@ -14,8 +14,8 @@
 
 #include "../cache_ops.h"
 
-// `#pragma unroll` only where nvcc understands it; g++ would warn about an unknown pragma.
-#if defined(__CUDACC__)
+// `#pragma unroll` only in nvcc's device pass; g++ (also nvcc's host pass) warns about it.
+#if defined(__CUDA_ARCH__)
 #define HARMONICA_UNROLL _Pragma("unroll")
 #else
 #define HARMONICA_UNROLL

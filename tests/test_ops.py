@@ -1,0 +1,697 @@
+"""Tests of the fused cache ops (torch.ops.harmonica.*) against the pure-PyTorch reference.
+
+CPU cases always run; CUDA cases are skipped without a GPU. The CUDA indexing logic (vector width,
+scalar tail, grid-stride loop, gate/w broadcasting, row remapping) is also checked on the CPU by
+running the CUDA per-thread bodies over every simulated thread (harmonica::_simulate_cuda_*).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+
+from harmonica import ops
+from harmonica.ops import reference
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (B, N, D): single token, D not a multiple of any pack width, B = 1 and B = 7, a pack-aligned
+# DiT-like row, and D = 1 (every element its own row).
+SHAPES = [(1, 1, 8), (7, 3, 13), (2, 16, 64), (1, 33, 136), (3, 5, 1)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# "strided": x and the branch are every-other-channel views and the gate is one chunk of a
+# (B, 6 * D) adaLN output (batch stride 6 * D), like DiT's emb.chunk(6, dim=1).
+LAYOUTS = ["contiguous", "strided"]
+GATE_FORMS = ["2d", "3d"]
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+# The kernels compute in float32 (float64 for float64) and round once to the output dtype, like the
+# reference. They may still differ from it by one unit in the last place of the output dtype
+# (FMA contraction on the GPU, operation order), hence rtol = that dtype's machine epsilon; atol
+# covers results that cancel to ~0, where one float32 ulp of the operands is large relative to
+# the result.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=2 * torch.finfo(torch.float32).eps, atol=1e-6),
+    torch.float16: dict(rtol=torch.finfo(torch.float16).eps, atol=1e-6),
+    torch.bfloat16: dict(rtol=torch.finfo(torch.bfloat16).eps, atol=1e-6),
+}
+
+
+def shape_id(shape):
+    return "B{}xN{}xD{}".format(*shape)
+
+
+def dtype_id(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def make_generator(*seed_parts) -> torch.Generator:
+    # crc32, not hash(): str hashes change between processes, and failures must be reproducible.
+    return torch.Generator().manual_seed(zlib.crc32(repr(seed_parts).encode()))
+
+
+def hidden(shape, dtype, device, layout, generator) -> torch.Tensor:
+    B, N, D = shape
+    if layout == "strided":
+        wide = torch.randn(B, N, 2 * D, generator=generator).to(dtype)
+        tensor = wide[..., ::2]
+        assert not tensor.is_contiguous() or D == 1 or tensor.numel() == 0
+    else:
+        tensor = torch.randn(B, N, D, generator=generator).to(dtype)
+    return tensor.to(device)
+
+
+def adaln_gate(shape, dtype, device, layout, form, generator) -> torch.Tensor:
+    B, _, D = shape
+    if layout == "strided":
+        gate = torch.randn(B, 6 * D, generator=generator).to(dtype).to(device).chunk(6, dim=1)[2]
+    else:
+        gate = torch.randn(B, D, generator=generator).to(dtype).to(device)
+    return gate.unsqueeze(1) if form == "3d" else gate
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual, expected, **TOLERANCES[expected.dtype])
+
+
+def assert_reduction_close(actual, expected, absolute_mass, dtype):
+    """Gradients that are sums over tokens (and channels): float32 accumulation in a different order
+    than the float64 reference adds up to ~sqrt(terms) float32 roundings of the summed magnitude
+    (absolute_mass = sum of |term|), then one rounding to the output dtype (rtol)."""
+    terms_bound = 8 * torch.finfo(torch.float32).eps * absolute_mass
+    tolerance = TOLERANCES[dtype]["rtol"] * expected.abs() + terms_bound + 1e-6
+    error = (actual.double() - expected.double()).abs()
+    assert bool((error <= tolerance).all()), f"max error {error.max().item():.3g}, max tolerance {tolerance.max().item():.3g}"
+
+
+def random_index(batch, active, generator, device) -> torch.Tensor:
+    return torch.randperm(batch, generator=generator)[:active].to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registration
+
+
+ALL_OPS = ["cache_write", "cache_write_", "cache_read", "cache_read_", "blend", "blend_backward", "gather_rows",
+           "gated_merge", "gated_merge_"]
+
+
+@pytest.mark.parametrize("name", ALL_OPS)
+def test_op_has_cpu_kernel(name):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"harmonica::{name}", "CPU")
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ALL_OPS)
+def test_op_has_cuda_kernel(name):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"harmonica::{name}", "CUDA")
+
+
+# ---------------------------------------------------------------------------------------------------
+# cache_write / cache_read
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gate_form", GATE_FORMS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_cache_write(shape, dtype, layout, gate_form, device):
+    g = make_generator("write", shape, dtype, layout, gate_form)
+    x = hidden(shape, dtype, device, layout, g)
+    gate = adaln_gate(shape, dtype, device, layout, gate_form, g)
+    branch = hidden(shape, dtype, device, layout, g)
+    cache = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    x_before = x.clone()
+
+    out = ops.cache_write(x, gate, branch, cache)
+
+    assert_close(out, reference.cache_write(x, gate, branch, torch.empty_like(cache)))
+    torch.testing.assert_close(cache, branch, rtol=0, atol=0)
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)
+    assert out.is_contiguous() and out.shape == shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_cache_write_inplace(shape, dtype, device):
+    g = make_generator("write_", shape, dtype)
+    x = hidden(shape, dtype, device, "contiguous", g)
+    gate = adaln_gate(shape, dtype, device, "strided", "2d", g)
+    branch = hidden(shape, dtype, device, "strided", g)
+    cache = torch.zeros(shape, dtype=dtype, device=device)
+    expected = reference.cache_write(x, gate, branch, torch.empty_like(cache))
+
+    returned = ops.cache_write_(x, gate, branch, cache)
+
+    assert returned.data_ptr() == x.data_ptr()
+    assert_close(x, expected)
+    torch.testing.assert_close(cache, branch, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gate_form", GATE_FORMS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_cache_read(shape, dtype, layout, gate_form, device):
+    g = make_generator("read", shape, dtype, layout, gate_form)
+    x = hidden(shape, dtype, device, layout, g)
+    gate = adaln_gate(shape, dtype, device, layout, gate_form, g)
+    cache = hidden(shape, dtype, device, layout, g)
+    cache_before = cache.clone()
+
+    out = ops.cache_read(x, gate, cache)
+
+    assert_close(out, reference.cache_read(x, gate, cache))
+    torch.testing.assert_close(cache, cache_before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_cache_read_inplace(shape, dtype, device):
+    g = make_generator("read_", shape, dtype)
+    x = hidden(shape, dtype, device, "contiguous", g)
+    gate = adaln_gate(shape, dtype, device, "contiguous", "3d", g)
+    cache = hidden(shape, dtype, device, "contiguous", g)
+    expected = reference.cache_read(x, gate, cache)
+
+    returned = ops.cache_read_(x, gate, cache)
+
+    assert returned.data_ptr() == x.data_ptr()
+    assert_close(x, expected)
+
+
+def test_cache_write_accepts_branch_that_is_the_cache():
+    # Refreshing a slot from itself is legal (cache and branch alias) and must not corrupt it.
+    g = make_generator("alias")
+    x, cache = torch.randn(2, 3, 10, generator=g), torch.randn(2, 3, 10, generator=g)
+    gate = torch.randn(2, 10, generator=g)
+    expected = reference.cache_read(x, gate, cache)
+    saved = cache.clone()
+    assert_close(ops.cache_write(x, gate, cache, cache), expected)
+    torch.testing.assert_close(cache, saved, rtol=0, atol=0)
+
+
+def test_gate_with_zero_batch_stride_broadcasts_one_row():
+    g = make_generator("expand")
+    x, branch = torch.randn(4, 3, 10, generator=g), torch.randn(4, 3, 10, generator=g)
+    gate = torch.randn(1, 10, generator=g).expand(4, 10)
+    assert_close(ops.cache_write(x, gate, branch, torch.empty_like(x)), x + gate[:, None] * branch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# blend
+
+
+def make_w(kind, batch, device, generator, dtype=torch.float32):
+    if kind == "scalar":
+        return torch.rand((), generator=generator).to(dtype).to(device)
+    if kind == "per_sample":
+        w = torch.rand(batch, generator=generator).to(dtype)
+        w[0] = 1.0  # the exact ends of the range: a computed sample and (below) a cached one
+        if batch > 1:
+            w[-1] = 0.0
+        return w.to(device)
+    raise ValueError(kind)
+
+
+W_KINDS = ["scalar", "per_sample"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_kind", W_KINDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_blend_forward(shape, dtype, layout, w_kind, device):
+    g = make_generator("blend", shape, dtype, layout, w_kind)
+    x, fresh, cache = (hidden(shape, dtype, device, layout, g) for _ in range(3))
+    gate = adaln_gate(shape, dtype, device, layout, "2d", g)
+    w = make_w(w_kind, shape[0], device, g)
+    assert_close(ops.blend(x, gate, fresh, cache, w), reference.blend(x, gate, fresh, cache, w))
+
+
+@pytest.mark.parametrize("w_value", [0.0, 1.0])
+def test_blend_at_the_ends_of_the_range_is_exactly_one_input(w_value):
+    g = make_generator("blend_ends", w_value)
+    x, fresh, cache = (torch.randn(2, 4, 12, generator=g) for _ in range(3))
+    gate = torch.randn(2, 12, generator=g)
+    selected = fresh if w_value == 1.0 else cache
+    torch.testing.assert_close(ops.blend(x, gate, fresh, cache, w_value), ops.cache_read(x, gate, selected),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_kind", W_KINDS)
+@pytest.mark.parametrize("gate_form", GATE_FORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_blend_backward_matches_float64_autograd(shape, dtype, gate_form, w_kind, device):
+    g = make_generator("blend_bwd", shape, dtype, gate_form, w_kind)
+    x, fresh, cache, grad_out = (hidden(shape, dtype, device, "contiguous", g) for _ in range(4))
+    gate = adaln_gate(shape, dtype, device, "strided", gate_form, g)
+    w = make_w(w_kind, shape[0], device, g)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, gate, fresh, w)]
+    out = ops.blend(leaves[0], leaves[1], leaves[2], cache, leaves[3])
+    out.backward(grad_out)
+
+    exact = [t.detach().double().requires_grad_() for t in (x, gate, fresh, w)]
+    reference.blend(exact[0], exact[1], exact[2], cache.double(), exact[3]).backward(grad_out.double())
+
+    x_grad, gate_grad, fresh_grad, w_grad = (leaf.grad for leaf in leaves)
+    torch.testing.assert_close(x_grad, grad_out, rtol=0, atol=0)
+    assert_close(fresh_grad, exact[2].grad.to(dtype))
+    assert gate_grad.shape == gate.shape and gate_grad.dtype == dtype
+    assert w_grad.shape == w.shape and w_grad.dtype == w.dtype
+
+    B, N, D = shape
+    g64, f64, c64, w64 = gate.double().reshape(B, 1, D), fresh.double(), cache.double(), w.double()
+    w64 = w64.reshape(-1, 1, 1) if w.dim() == 1 else w64
+    value_mass = (grad_out.double() * (w64 * f64 + (1 - w64) * c64)).abs()
+    w_mass = (grad_out.double() * g64 * (f64 - c64)).abs()
+    assert_reduction_close(gate_grad, exact[1].grad, value_mass.sum(1).reshape(gate.shape), dtype)
+    w_mass_total = w_mass.sum() if w.dim() == 0 else w_mass.sum((1, 2))
+    assert_reduction_close(w_grad, exact[3].grad, w_mass_total, torch.float32)
+
+
+@pytest.mark.parametrize("w_kind", W_KINDS)
+@pytest.mark.parametrize("gate_form", GATE_FORMS)
+@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 1, 8), (3, 2, 1)], ids=shape_id)
+def test_blend_gradcheck_float64(shape, gate_form, w_kind):
+    g = make_generator("gradcheck", shape, gate_form, w_kind)
+    x, fresh, cache = (torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(3))
+    gate = adaln_gate(shape, torch.float64, "cpu", "contiguous", gate_form, g)
+    # Keep w away from 0 and 1 so the finite-difference probes stay inside the valid range.
+    w = 0.25 + 0.5 * torch.rand(() if w_kind == "scalar" else (shape[0],), generator=g, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, gate, fresh)] + [cache, w.requires_grad_()]
+    assert torch.autograd.gradcheck(lambda x, gate, fresh, cache, w: ops.blend(x, gate, fresh, cache, w), inputs,
+                                    eps=1e-6, atol=1e-8)
+
+
+def test_blend_backward_with_constant_gate_and_w():
+    # Inference-style call from a training loop: only x and fresh require grad.
+    g = make_generator("partial_grad")
+    x, fresh, cache = (torch.randn(2, 5, 9, generator=g) for _ in range(3))
+    gate = torch.randn(2, 9, generator=g)
+    x.requires_grad_()
+    fresh.requires_grad_()
+    ops.blend(x, gate, fresh, cache, torch.tensor(0.3)).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x), rtol=0, atol=0)
+    assert_close(fresh.grad, (0.3 * gate[:, None, :]).expand_as(fresh).contiguous())
+    assert gate.grad is None and cache.grad is None
+
+
+def test_blend_gives_no_gradient_to_cache():
+    g = make_generator("cache_grad")
+    x, fresh, cache = (torch.randn(2, 3, 4, generator=g, requires_grad=True) for _ in range(3))
+    gate = torch.randn(2, 4, generator=g, requires_grad=True)
+    ops.blend(x, gate, fresh, cache, torch.tensor(0.5)).sum().backward()
+    assert cache.grad is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# gather_rows / gated_merge
+
+MERGE_CASES = [  # (shape, number of active samples)
+    ((1, 1, 8), 1),
+    ((1, 4, 13), 0),
+    ((7, 3, 13), 3),
+    ((7, 3, 13), 7),
+    ((4, 16, 64), 2),
+    ((5, 2, 1), 4),
+]
+
+
+def merge_id(case):
+    shape, active = case
+    return f"{shape_id(shape)}-active{active}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", MERGE_CASES, ids=merge_id)
+def test_gather_rows(case, dtype, layout, device):
+    shape, active = case
+    g = make_generator("gather", shape, active, dtype, layout)
+    x = hidden(shape, dtype, device, layout, g)
+    index = random_index(shape[0], active, g, device)
+    out = ops.gather_rows(x, index)
+    torch.testing.assert_close(out, reference.gather_rows(x, index), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", MERGE_CASES, ids=merge_id)
+def test_gated_merge(case, dtype, layout, device):
+    shape, active = case
+    B, N, D = shape
+    g = make_generator("merge", shape, active, dtype, layout)
+    x = hidden(shape, dtype, device, layout, g)
+    gate = adaln_gate(shape, dtype, device, layout, "2d", g)
+    index = random_index(B, active, g, device)
+    branch_active = hidden((active, N, D), dtype, device, layout, g)
+    cache = hidden(shape, dtype, device, "contiguous", g)
+    expected_cache = cache.clone()
+    expected = reference.gated_merge(x, gate, branch_active, index, expected_cache)
+
+    out = ops.gated_merge(x, gate, branch_active, index, cache)
+
+    assert_close(out, expected)
+    torch.testing.assert_close(cache, expected_cache, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", MERGE_CASES, ids=merge_id)
+def test_gated_merge_inplace(case, dtype, device):
+    shape, active = case
+    B, N, D = shape
+    g = make_generator("merge_", shape, active, dtype)
+    x = hidden(shape, dtype, device, "contiguous", g)
+    gate = adaln_gate(shape, dtype, device, "contiguous", "3d", g)
+    index = random_index(B, active, g, device)
+    branch_active = hidden((active, N, D), dtype, device, "contiguous", g)
+    cache = hidden(shape, dtype, device, "contiguous", g)
+    expected_cache = cache.clone()
+    expected = reference.gated_merge(x, gate, branch_active, index, expected_cache)
+
+    returned = ops.gated_merge_(x, gate, branch_active, index, cache)
+
+    assert returned.data_ptr() == x.data_ptr()
+    assert_close(x, expected)
+    torch.testing.assert_close(cache, expected_cache, rtol=0, atol=0)
+
+
+def test_gated_merge_with_all_samples_active_equals_cache_write():
+    g = make_generator("merge_all")
+    x, branch = torch.randn(3, 4, 10, generator=g), torch.randn(3, 4, 10, generator=g)
+    gate = torch.randn(3, 10, generator=g)
+    merge_cache, write_cache = torch.zeros_like(x), torch.zeros_like(x)
+    merged = ops.gated_merge(x, gate, branch, torch.arange(3), merge_cache)
+    written = ops.cache_write(x, gate, branch, write_cache)
+    torch.testing.assert_close(merged, written, rtol=0, atol=0)
+    torch.testing.assert_close(merge_cache, write_cache, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CUDA per-thread bodies, simulated on the CPU over every (block, thread)
+
+sim = torch.ops.harmonica
+
+# (block_dim, grid_dim): the launcher's grid; a single small block that must stride over
+# everything; several blocks of a warp each.
+LAUNCHES = [(256, 0), (32, 1), (32, 3)]
+SIM_SHAPES = [(1, 1, 8), (7, 3, 13), (2, 16, 64), (3, 5, 1)]
+
+
+def launch_id(launch):
+    return f"block{launch[0]}-grid{launch[1] or 'auto'}"
+
+
+def packed_width(dtype):
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def vector_widths(shape, dtype, needs_row_multiple):
+    """0 = launcher's choice, 1 = scalar, packed where the shape allows it (inputs are aligned)."""
+    widths = [0, 1]
+    row = shape[1] * shape[2] if needs_row_multiple == "sample" else shape[2] if needs_row_multiple == "channel" else 1
+    if row % packed_width(dtype) == 0:
+        widths.append(packed_width(dtype))
+    return widths
+
+
+def sim_cases(needs_row_multiple):
+    return [
+        pytest.param(shape, dtype, width, launch,
+                     id=f"{shape_id(shape)}-{dtype_id(dtype)}-vec{width or 'auto'}-{launch_id(launch)}")
+        for shape in SIM_SHAPES
+        for dtype in DTYPES
+        for width in vector_widths(shape, dtype, needs_row_multiple)
+        for launch in LAUNCHES
+    ]
+
+
+@pytest.mark.parametrize("shape,dtype,width,launch", sim_cases(None))
+def test_simulated_cuda_cache_write_and_read(shape, dtype, width, launch):
+    g = make_generator("sim_write", shape, dtype)
+    x, branch = hidden(shape, dtype, "cpu", "contiguous", g), hidden(shape, dtype, "cpu", "contiguous", g)
+    gate = adaln_gate(shape, dtype, "cpu", "strided", "3d", g)
+    cache = torch.full(shape, float("nan"), dtype=dtype)
+    out = sim._simulate_cuda_cache_write(x, gate, branch, cache, launch[0], launch[1], width)
+    assert_close(out, reference.cache_write(x, gate, branch, torch.empty_like(cache)))
+    torch.testing.assert_close(cache, branch, rtol=0, atol=0)
+    read = sim._simulate_cuda_cache_read(x, gate, cache, launch[0], launch[1], width)
+    assert_close(read, reference.cache_read(x, gate, cache))
+
+
+@pytest.mark.parametrize("shape,dtype,width,launch", sim_cases(None))
+def test_simulated_cuda_blend(shape, dtype, width, launch):
+    g = make_generator("sim_blend", shape, dtype)
+    x, fresh, cache = (hidden(shape, dtype, "cpu", "contiguous", g) for _ in range(3))
+    gate = adaln_gate(shape, dtype, "cpu", "strided", "2d", g)
+    w = make_w("per_sample", shape[0], "cpu", g)
+    out = sim._simulate_cuda_blend(x, gate, fresh, cache, w, launch[0], launch[1], width)
+    assert_close(out, reference.blend(x, gate, fresh, cache, w))
+
+
+@pytest.mark.parametrize("shape,dtype,width,launch", sim_cases("channel"))
+def test_simulated_cuda_blend_backward(shape, dtype, width, launch):
+    g = make_generator("sim_blend_bwd", shape, dtype)
+    grad_out, fresh, cache = (hidden(shape, dtype, "cpu", "contiguous", g) for _ in range(3))
+    gate = adaln_gate(shape, dtype, "cpu", "contiguous", "2d", g)
+    w = make_w("scalar", shape[0], "cpu", g)
+    simulated = sim._simulate_cuda_blend_backward(grad_out, gate, fresh, cache, w, launch[0], launch[1], width)
+    cpu_kernel = torch.ops.harmonica.blend_backward(grad_out, gate, fresh, cache, w)
+    B, N, D = shape
+    g64, f64, c64, go64, w64 = gate.double()[:, None], fresh.double(), cache.double(), grad_out.double(), w.double()
+    expected_gate = (go64 * (w64 * f64 + (1 - w64) * c64)).sum(1)
+    expected_fresh = go64 * g64 * w64
+    expected_w = (go64 * g64 * (f64 - c64)).sum()
+    assert_reduction_close(simulated[0], expected_gate, (go64 * (w64 * f64 + (1 - w64) * c64)).abs().sum(1), dtype)
+    assert_close(simulated[1], expected_fresh.to(dtype))
+    assert_reduction_close(simulated[2], expected_w, (go64 * g64 * (f64 - c64)).abs().sum(), torch.float32)
+    # grad_fresh is elementwise: the simulated GPU and the CPU kernel must agree to the last bit
+    # up to float32 operation order, which for one product chain is identical.
+    torch.testing.assert_close(simulated[1], cpu_kernel[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape,dtype,width,launch", sim_cases("sample"))
+def test_simulated_cuda_gather_rows_and_gated_merge(shape, dtype, width, launch):
+    B, N, D = shape
+    g = make_generator("sim_merge", shape, dtype)
+    x = hidden(shape, dtype, "cpu", "contiguous", g)
+    gate = adaln_gate(shape, dtype, "cpu", "contiguous", "2d", g)
+    index = random_index(B, (B + 1) // 2, g, "cpu")
+    gathered = sim._simulate_cuda_gather_rows(x, index, launch[0], launch[1], width)
+    torch.testing.assert_close(gathered, x[index], rtol=0, atol=0)
+
+    branch_active = hidden((index.numel(), N, D), dtype, "cpu", "contiguous", g)
+    cache = hidden(shape, dtype, "cpu", "contiguous", g)
+    expected_cache = cache.clone()
+    expected = reference.gated_merge(x, gate, branch_active, index, expected_cache)
+    out = sim._simulate_cuda_gated_merge(x, gate, branch_active, index, cache, launch[0], launch[1], width)
+    assert_close(out, expected)
+    torch.testing.assert_close(cache, expected_cache, rtol=0, atol=0)
+
+
+def misaligned(shape, dtype, generator):
+    """A contiguous tensor whose data starts one element past a 16-byte boundary."""
+    storage = torch.randn(math.prod(shape) + 1, generator=generator).to(dtype)
+    return storage[1:].view(shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_simulated_cuda_falls_back_to_scalar_loads_when_misaligned(dtype):
+    shape = (2, 4, 64)
+    g = make_generator("misaligned", dtype)
+    x, branch = misaligned(shape, dtype, g), hidden(shape, dtype, "cpu", "contiguous", g)
+    gate = adaln_gate(shape, dtype, "cpu", "contiguous", "2d", g)
+    expected = reference.cache_read(x, gate, branch)
+    # The launcher's own choice must notice the misalignment and stay correct...
+    assert_close(sim._simulate_cuda_cache_read(x, gate, branch, 64, 0, 0), expected)
+    # ...because 16-byte packs are refused for these pointers.
+    with pytest.raises(RuntimeError, match="needs 16-byte aligned pointers"):
+        sim._simulate_cuda_cache_read(x, gate, branch, 64, 0, packed_width(dtype))
+
+
+def test_simulated_cuda_refuses_packs_that_would_straddle_samples():
+    x = torch.randn(3, 1, 13)  # N * D = 13 is not a multiple of the float32 pack width 4
+    with pytest.raises(RuntimeError, match="multiple of the pack width"):
+        sim._simulate_cuda_gather_rows(x, torch.tensor([2, 0]), 32, 0, 4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library.opcheck: schema (mutation annotations), fake kernels, autograd registration,
+# AOT dispatch with dynamic shapes.
+
+
+def _opcheck_cases():
+    g = make_generator("opcheck")
+    x, branch, cache = (torch.randn(3, 5, 12, generator=g) for _ in range(3))
+    gate = torch.randn(3, 12, generator=g)
+    index = torch.tensor([2, 0])
+    active = torch.randn(2, 5, 12, generator=g)
+
+    def requiring_grad(*tensors):
+        return [t.clone().requires_grad_() for t in tensors]
+
+    xr, gate_r, fresh_r = requiring_grad(x, gate, branch)
+    return [
+        pytest.param("cache_write", (x, gate, branch, cache.clone()), id="cache_write"),
+        pytest.param("cache_write_", (x.clone(), gate, branch, cache.clone()), id="cache_write_"),
+        pytest.param("cache_read", (x, gate.unsqueeze(1), cache), id="cache_read"),
+        pytest.param("cache_read_", (x.clone(), gate, cache), id="cache_read_"),
+        pytest.param("blend", (xr, gate_r, fresh_r, cache, torch.tensor([0.2, 0.5, 0.9], requires_grad=True)),
+                     id="blend-per_sample_w"),
+        pytest.param("blend", (xr, gate_r, fresh_r, cache, torch.tensor(0.3, requires_grad=True)), id="blend-scalar_w"),
+        pytest.param("blend_backward", (x, gate, branch, cache, torch.tensor(0.3)), id="blend_backward"),
+        pytest.param("gather_rows", (x, index), id="gather_rows"),
+        pytest.param("gated_merge", (x, gate, active, index, cache.clone()), id="gated_merge"),
+        pytest.param("gated_merge_", (x.clone(), gate, active, index, cache.clone()), id="gated_merge_"),
+    ]
+
+
+@pytest.mark.parametrize("name,args", _opcheck_cases())
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(torch.ops.harmonica, name).default, args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors name the argument, the expected and the received value
+
+
+@pytest.fixture
+def tensors():
+    g = make_generator("errors")
+    x, branch, cache = (torch.randn(2, 4, 8, generator=g) for _ in range(3))
+    return x, torch.randn(2, 8, generator=g), branch, cache
+
+
+def test_error_branch_shape(tensors):
+    x, gate, _, cache = tensors
+    with pytest.raises(RuntimeError, match=r"`branch` must have the shape of `x` \[2, 4, 8\], got \[2, 4, 7\]"):
+        ops.cache_write(x, gate, torch.randn(2, 4, 7), cache)
+
+
+def test_error_dtype_mismatch(tensors):
+    x, gate, branch, cache = tensors
+    with pytest.raises(RuntimeError, match=r"`cache` has dtype Half but `x` has dtype Float.*cache\.to\(x\.dtype\)"):
+        ops.cache_read(x, gate, cache.half())
+
+
+def test_error_gate_dtype_mismatch(tensors):
+    x, gate, branch, cache = tensors
+    with pytest.raises(RuntimeError, match=r"`gate` has dtype BFloat16 but `x` has dtype Float"):
+        ops.cache_read(x, gate.bfloat16(), cache)
+
+
+@pytest.mark.parametrize("bad_gate_shape", [(2, 4, 8), (2, 9), (1, 8), (8,)], ids=str)
+def test_error_gate_cannot_broadcast(tensors, bad_gate_shape):
+    x, _, branch, cache = tensors
+    with pytest.raises(RuntimeError, match=r"`gate` must broadcast over the tokens of `x`.*\(B, D\) = \(2, 8\)"):
+        ops.cache_write(x, torch.randn(bad_gate_shape), branch, cache)
+
+
+def test_error_hidden_states_not_3d(tensors):
+    _, gate, _, _ = tensors
+    with pytest.raises(RuntimeError, match=r"`x` must be a \(B, N, D\) hidden-state tensor, got shape \[2, 32\]"):
+        ops.cache_read(torch.randn(2, 32), gate, torch.randn(2, 32))
+
+
+def test_error_cache_not_contiguous(tensors):
+    x, gate, branch, _ = tensors
+    strided_cache = torch.empty(2, 4, 16)[..., ::2]
+    with pytest.raises(RuntimeError, match=r"`cache` is written in place and must be contiguous"):
+        ops.cache_write(x, gate, branch, strided_cache)
+
+
+def test_error_inplace_x_not_contiguous(tensors):
+    _, gate, branch, cache = tensors
+    strided_x = torch.randn(2, 8, 4).transpose(1, 2)
+    with pytest.raises(RuntimeError, match=r"`x` is written in place and must be contiguous"):
+        ops.cache_read_(strided_x, gate, cache)
+
+
+@pytest.mark.parametrize("w", [torch.tensor(1.5), torch.tensor([0.5, -0.25]), torch.tensor(float("nan"))],
+                         ids=["above", "below", "nan"])
+def test_error_w_outside_unit_interval(tensors, w):
+    x, gate, fresh, cache = tensors
+    with pytest.raises(RuntimeError, match=r"`w` must lie in \[0, 1\]"):
+        ops.blend(x, gate, fresh, cache, w)
+
+
+def test_error_float_w_outside_unit_interval(tensors):
+    x, gate, fresh, cache = tensors
+    with pytest.raises(ValueError, match=r"`w` must lie in \[0, 1\].*got 2.0"):
+        ops.blend(x, gate, fresh, cache, 2.0)
+
+
+def test_error_w_shape(tensors):
+    x, gate, fresh, cache = tensors
+    with pytest.raises(RuntimeError, match=r"`w` must be a 0-dim tensor or have shape \(B,\) = \(2,\), got \[3\]"):
+        ops.blend(x, gate, fresh, cache, torch.full((3,), 0.5))
+
+
+def test_error_gather_index_out_of_range(tensors):
+    x = tensors[0]
+    with pytest.raises(RuntimeError, match=r"`index\[1\]` = 2 is out of range .* 2 samples"):
+        ops.gather_rows(x, torch.tensor([0, 2]))
+
+
+def test_error_index_dtype(tensors):
+    x = tensors[0]
+    with pytest.raises(RuntimeError, match=r"`index` must be int64, got Int"):
+        ops.gather_rows(x, torch.tensor([0], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("index,message", [
+    ([0, -1], r"`index\[1\]` = -1 is out of range for a batch of 2 samples"),
+    ([1, 1], r"`index` lists sample 1 twice"),
+    ([0, 1, 1], r"`index` has 3 entries but `x` has only 2 samples"),
+], ids=["negative", "duplicate", "too_many"])
+def test_error_merge_index(tensors, index, message):
+    x, gate, _, cache = tensors
+    branch_active = torch.randn(len(index), 4, 8)
+    with pytest.raises(RuntimeError, match=message):
+        ops.gated_merge(x, gate, branch_active, torch.tensor(index), cache)
+
+
+def test_error_branch_active_rows(tensors):
+    x, gate, _, cache = tensors
+    with pytest.raises(RuntimeError, match=r"`branch_active` must have shape \(len\(index\), N, D\) = \(1, 4, 8\)"):
+        ops.gated_merge(x, gate, torch.randn(2, 4, 8), torch.tensor([1]), cache)
+
+
+@requires_cuda
+def test_error_device_mismatch(tensors):
+    x, gate, branch, cache = tensors
+    with pytest.raises(RuntimeError, match=r"`cache` is on cpu but `x` is on cuda:0.*cache\.to\(x\.device\)"):
+        ops.cache_read(x.cuda(), gate.cuda(), cache)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA kernels agree with the CPU kernels (beyond the reference checks parametrised above)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cuda_blend_backward_matches_cpu(dtype):
+    g = make_generator("cuda_vs_cpu", dtype)
+    shape = (4, 77, 136)
+    grad_out, fresh, cache = (torch.randn(*shape, generator=g).to(dtype) for _ in range(3))
+    gate = torch.randn(4, 136, generator=g).to(dtype)
+    w = torch.rand(4, generator=g)
+    cpu = torch.ops.harmonica.blend_backward(grad_out, gate, fresh, cache, w)
+    gpu = torch.ops.harmonica.blend_backward(grad_out.cuda(), gate.cuda(), fresh.cuda(), cache.cuda(), w.cuda())
+    for c, d in zip(cpu, gpu):
+        torch.testing.assert_close(d.cpu(), c, rtol=2 * TOLERANCES[dtype]["rtol"], atol=1e-3)
