@@ -68,6 +68,7 @@ class CacheState:
         self._slots: dict[tuple[int, int, int], torch.Tensor] = {}
         self._filled_rows: dict[tuple[int, int, int], list[bool]] = {}
         self.step = 0
+        self._first_step = 0  # the step whose soft forward fills empty slots (see begin_run)
         self._call = 0  # model calls so far in this step: CFG as two calls keeps two sets of slots
         self._calls_in_step = 0
         self._driven = False
@@ -85,9 +86,14 @@ class CacheState:
         self.sample_steps: tuple[int, ...] | None = None
 
     # ------------------------------------------------------------------ run / step bookkeeping
-    def begin_run(self) -> None:
+    def begin_run(self, first_step: int = 0) -> None:
+        """Start a run with empty slots. ``first_step > 0`` (soft mode only) starts mid-run: that
+        step computes everything and fills the slots, as step 0 does (L2C training starts there)."""
+        if not 0 <= first_step < self.num_steps:
+            raise ValueError(f"first_step must be in [0, {self.num_steps}), got {first_step}")
         self.release()
-        self.step = 0
+        self.step = first_step
+        self._first_step = first_step
         self._calls_in_step = 0
         self._last_timestep = None
 
@@ -261,7 +267,7 @@ class CacheState:
         slot = self._slots.get(key)
         w = self.weights[self.step, block, branch]
         if slot is None:
-            if self.step != 0:
+            if self.step != self._first_step:
                 self._slot_for_read(key, block, branch)  # raises with the explanation
             out = _gated(x, gate, fresh)
             self._store_soft(key, fresh.detach())

@@ -63,12 +63,18 @@ def guided(
     cond: Mapping[str, Any],
     uncond: Mapping[str, Any] | None = None,
     guidance_scale: float = 1.0,
+    *,
+    raw: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
     """A model function ``(x, t, step) -> eps`` with classifier-free guidance.
 
     The conditional and unconditional halves run as ONE batch, as in the diffusers pipelines, so a
     cached block sees the full batch and both halves share the schedule row. Learned-sigma channels
     (DiT's out_channels = 2 * in_channels) are dropped: samplers here use the fixed variance.
+
+    ``raw=True`` makes the function return ``(eps, batched)``, where ``batched`` is the model's own
+    output for the whole batch (both CFG halves, learned-sigma channels dropped) before guidance
+    mixes them: router training compares teacher and student on it.
     """
     use_cfg = uncond is not None and guidance_scale != 1.0
     kwargs = _concat(dict(cond), dict(uncond)) if use_cfg else dict(cond)
@@ -79,10 +85,11 @@ def guided(
         out = transformer(model_in, timestep=timestep, **kwargs, return_dict=False)[0]
         if out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]
+        batched = out
         if use_cfg:
             eps_cond, eps_uncond = out.chunk(2)
             out = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        return out
+        return (out, batched) if raw else out
 
     return model_fn
 

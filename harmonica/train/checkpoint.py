@@ -1,0 +1,95 @@
+"""Training checkpoints: safetensors tensors + a JSON document, written atomically. No pickle.
+
+A checkpoint holds everything the next iteration depends on: router logits, the AdamW moments and
+step count, the IEPO lambda, beta and the iteration counter. Randomness needs no saved state (see
+harmonica.train.distributed), so resuming reproduces the uninterrupted run bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FILE_NAME = "checkpoint.safetensors"
+_HEADER_KEY = "harmonica_train"
+FORMAT_VERSION = 1
+# Settings that may change between an interrupted run and its resumption without changing the result.
+_RESUMABLE_CHANGES = {"iterations", "checkpoint_every", "batch_size", "world_size"}
+
+
+def path_in(directory) -> Path:
+    return Path(directory) / FILE_NAME
+
+
+def save(directory, *, logits: torch.Tensor, optimizer: torch.optim.Optimizer, lam: torch.Tensor,
+         document: dict[str, Any]) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {"logits": logits.detach().cpu().contiguous(), "lambda": lam.detach().cpu().contiguous()}
+    (param,) = optimizer.param_groups[0]["params"]
+    state = optimizer.state.get(param, {})
+    for key, value in state.items():
+        tensors[f"adam.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    header = json.dumps({"format_version": FORMAT_VERSION, **document}, allow_nan=False)
+    final = path_in(directory)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={_HEADER_KEY: header})
+    # os.replace is atomic: a reader (or a resume after a kill mid-write) sees the old or the new file.
+    os.replace(tmp, final)
+    return final
+
+
+def load(directory) -> tuple[dict[str, torch.Tensor], dict]:
+    path = path_in(directory)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"TrainConfig.resume: no checkpoint at {path}; the interrupted run writes one every "
+            f"checkpoint_every iterations - set resume=False to start a new run"
+        )
+    with safe_open(str(path), framework="pt") as f:
+        header = (f.metadata() or {}).get(_HEADER_KEY)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if header is None:
+        raise ValueError(f"{path} is not a harmonica training checkpoint (no {_HEADER_KEY!r} header)")
+    document = json.loads(header)
+    if document.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {document.get('format_version')!r} is not supported "
+                         f"(this harmonica reads {FORMAT_VERSION})")
+    return tensors, document
+
+
+def check_resumable(document: dict, expected: dict, path) -> None:
+    """Raise naming every setting in which the checkpoint's run differs from the one resuming it."""
+    problems = []
+    saved_model, model = document.get("model", {}), expected["model"]
+    for key in sorted(set(saved_model) | set(model)):
+        if saved_model.get(key) != model.get(key):
+            problems.append(f"model {key}: checkpoint {saved_model.get(key)!r}, now {model.get(key)!r}")
+    if document.get("sampler") != expected["sampler"]:
+        problems.append(f"sampler: checkpoint {document.get('sampler')!r}, now {expected['sampler']!r}")
+    if document.get("global_batch") != expected["global_batch"]:
+        problems.append(f"global batch (batch_size x processes): checkpoint {document.get('global_batch')}, "
+                        f"now {expected['global_batch']}")
+    saved_cfg, cfg = document.get("config", {}), expected["config"]
+    for key in sorted(set(saved_cfg) | set(cfg)):
+        if key not in _RESUMABLE_CHANGES and saved_cfg.get(key) != cfg.get(key):
+            problems.append(f"{key}: checkpoint {saved_cfg.get(key)!r}, now {cfg.get(key)!r}")
+    if problems:
+        raise ValueError(
+            f"TrainConfig.resume: the checkpoint {path} belongs to a different run ({'; '.join(problems)}); "
+            f"resume with the original settings or use another checkpoint_dir"
+        )
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    (param,) = optimizer.param_groups[0]["params"]
+    state = {k[len("adam."):]: v.to(param.device) if k != "adam.step" else v
+             for k, v in tensors.items() if k.startswith("adam.")}
+    if state:
+        optimizer.state[param] = state

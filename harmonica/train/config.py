@@ -1,0 +1,345 @@
+"""TrainConfig and the conditioning sources router training draws from.
+
+Everything a run needs is checked by :func:`validate` before the first forward pass, so a typo or an
+impossible target fails in milliseconds with the field name and the fix, not after an hour of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from ..schedule import ModelCost, Router, Schedule
+
+__all__ = ["ClassConditioning", "PromptConditioning", "TrainConfig", "METHODS", "IEPO_VARIANTS"]
+
+METHODS = ("harmonica", "l2c")
+IEPO_VARIANTS = ("paper", "cumulative")
+# The reference code's learning rates (AdamW): HarmoniCa 0.01, L2C 1e-3.
+DEFAULT_LR = {"harmonica": 1e-2, "l2c": 1e-3}
+
+
+@dataclasses.dataclass
+class ClassConditioning:
+    """Class-conditional DiT: each sample gets a uniformly random label; CFG's other half the null id."""
+
+    num_classes: int
+    null_class: int
+
+    @property
+    def num_choices(self) -> int:
+        return self.num_classes
+
+    def kwargs(self, choices: torch.Tensor, device) -> tuple[dict, dict]:
+        labels = choices.to(device)
+        return {"class_labels": labels}, {"class_labels": torch.full_like(labels, self.null_class)}
+
+    def text_tokens(self) -> Optional[int]:
+        return None
+
+    def describe(self) -> dict:
+        return {"kind": "class", "num_classes": self.num_classes, "null_class": self.null_class}
+
+    def check(self) -> None:
+        for name in ("num_classes", "null_class"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ClassConditioning.{name} must be an int >= 0, got {value!r}")
+        if self.num_classes < 1:
+            raise ValueError("ClassConditioning.num_classes must be >= 1")
+
+
+@dataclasses.dataclass
+class PromptConditioning:
+    """A text-conditioned model (PixArt) trained on a fixed set of precomputed prompt embeddings.
+
+    embeds (N, S, D) and mask (N, S) are the text encoder's outputs for N training prompts; each sample
+    draws one prompt uniformly. negative_embeds/negative_mask, shape (S, D)/(S,), are the encoding of
+    the negative (usually empty) prompt, required when guidance_scale != 1: unlike DiT's null label
+    there is no correct default, an all-zero embedding is not what PixArt was trained with.
+    added_cond_kwargs is passed through (PixArt-alpha: resolution/aspect_ratio, or None values).
+    """
+
+    embeds: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    negative_embeds: Optional[torch.Tensor] = None
+    negative_mask: Optional[torch.Tensor] = None
+    added_cond_kwargs: Optional[dict] = None
+
+    @property
+    def num_choices(self) -> int:
+        return self.embeds.shape[0]
+
+    def kwargs(self, choices: torch.Tensor, device) -> tuple[dict, dict]:
+        index = choices.to(self.embeds.device)
+        extra = dict(self.added_cond_kwargs or {"resolution": None, "aspect_ratio": None})
+        embeds = self.embeds.index_select(0, index).to(device)
+        mask = None if self.mask is None else self.mask.index_select(0, index).to(device)
+        cond = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask, "added_cond_kwargs": extra}
+        if self.negative_embeds is None:
+            return cond, None
+        n = index.shape[0]
+        neg = self.negative_embeds.to(device).expand(n, *self.negative_embeds.shape)
+        neg_mask = None
+        if self.negative_mask is not None:
+            neg_mask = self.negative_mask.to(device).expand(n, *self.negative_mask.shape)
+        elif mask is not None:
+            neg_mask = torch.ones_like(mask)
+        uncond = {"encoder_hidden_states": neg, "encoder_attention_mask": neg_mask, "added_cond_kwargs": extra}
+        return cond, uncond
+
+    def text_tokens(self) -> Optional[int]:
+        return self.embeds.shape[1]
+
+    def describe(self) -> dict:
+        return {"kind": "prompts", "num_prompts": int(self.embeds.shape[0]), "tokens": int(self.embeds.shape[1]),
+                "dim": int(self.embeds.shape[2])}
+
+    def check(self) -> None:
+        if not isinstance(self.embeds, torch.Tensor) or self.embeds.dim() != 3 or self.embeds.shape[0] < 1:
+            raise ValueError(
+                f"PromptConditioning.embeds must be a (num_prompts, tokens, dim) tensor of text-encoder "
+                f"outputs, got {getattr(self.embeds, 'shape', type(self.embeds).__name__)}"
+            )
+        n, s, d = self.embeds.shape
+        if self.mask is not None and tuple(self.mask.shape) != (n, s):
+            raise ValueError(f"PromptConditioning.mask must have shape {(n, s)}, got {tuple(self.mask.shape)}")
+        if self.negative_embeds is not None and tuple(self.negative_embeds.shape) != (s, d):
+            raise ValueError(
+                f"PromptConditioning.negative_embeds must have shape {(s, d)} (one encoded negative prompt), "
+                f"got {tuple(self.negative_embeds.shape)}"
+            )
+        if self.negative_mask is not None and tuple(self.negative_mask.shape) != (s,):
+            raise ValueError(f"PromptConditioning.negative_mask must have shape {(s,)}, got {tuple(self.negative_mask.shape)}")
+
+
+Conditioning = Union[ClassConditioning, PromptConditioning]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Router training settings. See :func:`harmonica.train.train_router`.
+
+    method:        "harmonica" (SDT + IEPO, image-free) or "l2c" (the Learning-to-Cache baseline,
+                   needs clean latents ``l2c_latents``; DDIM only).
+    num_steps:     model evaluations per sampling run (the router's T).
+    conditioning:  ClassConditioning (DiT) or PromptConditioning (PixArt).
+    batch_size:    samples per process per iteration (CFG doubles the model batch).
+    iterations:    HarmoniCa: trajectories (each = num_steps - 1 optimiser updates);
+                   L2C: optimiser updates.
+    lr:            AdamW learning rate; None = the reference value (0.01 HarmoniCa, 1e-3 L2C).
+    beta:          regulariser weight on sum(w_t); with a target it is only the starting value.
+    target_speedup / target_cur: optional; beta is then adapted during training (a Lagrange
+                   multiplier) and the final threshold chosen so the delivered schedule meets the target.
+    beta_adapt_rate: log-space step of beta per optimiser update per unit of target error.
+    iepo_refresh:  C, iterations between IEPO lambda refreshes (HarmoniCa only).
+    iepo_variant:  "paper" (lambda_t from disabling caching at step t only) or "cumulative"
+                   (the reference code's variant).
+    threshold:     the inference threshold tau used to measure CUR during training (and the final
+                   threshold when no target is given).
+    l2c_latents:   (N, C, H, W) clean model-space inputs for L2C; l2c_choices (N,) their labels /
+                   prompt indices (None = random conditioning).
+    checkpoint_every: iterations between checkpoints (0 = only the final one) in checkpoint_dir.
+    """
+
+    method: str = "harmonica"
+    num_steps: int = 20
+    conditioning: Optional[Conditioning] = None
+    guidance_scale: float = 1.5
+    batch_size: int = 8
+    iterations: int = 100
+    lr: Optional[float] = None
+    weight_decay: float = 0.0
+    beta: float = 1e-4
+    target_speedup: Optional[float] = None
+    target_cur: Optional[float] = None
+    beta_adapt_rate: float = 0.02
+    iepo_refresh: int = 500
+    iepo_variant: str = "paper"
+    threshold: float = 0.1
+    clamp: float = 5.0
+    init_std: float = 1.0
+    init_router: Optional[Router] = None
+    l2c_latents: Optional[torch.Tensor] = None
+    l2c_choices: Optional[torch.Tensor] = None
+    latent_size: Optional[int] = None
+    seed: int = 0
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    log_file: Optional[str] = None
+    progress: bool = True
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    def to_json(self) -> dict:
+        """The settings that define the result (recorded in router metadata and checkpoints)."""
+        skip = {"conditioning", "init_router", "l2c_latents", "l2c_choices", "checkpoint_dir", "resume",
+                "log_file", "progress"}
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        doc["lr"] = self.learning_rate
+        doc["conditioning"] = self.conditioning.describe() if self.conditioning is not None else None
+        doc["init_router"] = self.init_router is not None
+        if self.l2c_latents is not None:
+            doc["l2c_latents"] = list(self.l2c_latents.shape)
+        return doc
+
+
+def _fail(field: str, problem: str) -> ValueError:
+    return ValueError(f"TrainConfig.{field}: {problem}")
+
+
+def _positive_int(config: TrainConfig, name: str, allow_zero: bool = False) -> None:
+    value = getattr(config, name)
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _fail(name, f"must be an int >= {low}, got {value!r}")
+
+
+def _number(config: TrainConfig, name: str, *, low: float, strict: bool, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if strict else value >= low)
+    if not ok:
+        raise _fail(name, f"must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
+
+
+def max_reachable(num_steps: int, num_blocks: int, cost: ModelCost) -> tuple[float, float]:
+    """(CUR, theoretical speedup) of caching every unit of steps 1..T-1: no router can exceed them."""
+    mask = torch.zeros(num_steps, num_blocks, 2, dtype=torch.bool)
+    mask[0] = True
+    everything = Schedule(mask)
+    return everything.cache_usage, everything.theoretical_speedup(cost)
+
+
+def validate(config: TrainConfig, *, sampler: str, num_blocks: int, model_class: str, block_width: int,
+             cost_fn: Callable[[], ModelCost], is_text_model: bool) -> ModelCost:
+    """Raise ValueError naming the first bad field and the fix; does no model work.
+
+    Returns the model's cost from ``cost_fn`` (called once the fields it depends on are known good)."""
+    from ..sampling import SCHEDULERS
+
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a harmonica TrainConfig, got {type(config).__name__}")
+    if config.method not in METHODS:
+        raise _fail("method", f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if sampler not in SCHEDULERS:
+        raise ValueError(
+            f"scheduler {sampler} is not supported for router training; use one of {', '.join(SCHEDULERS)} "
+            f"(harmonica.sampling.make_scheduler(name, config))"
+        )
+    if config.method == "l2c" and sampler != "ddim":
+        raise ValueError(
+            f"L2C training supports the DDIM scheduler only (its one-step cache fill needs a stateless "
+            f"sampler step), got {sampler}; pass a DDIMScheduler or use method='harmonica'"
+        )
+    for name in ("num_steps", "batch_size", "iterations", "iepo_refresh"):
+        _positive_int(config, name)
+    if config.num_steps < 2:
+        raise _fail("num_steps", f"must be >= 2 (step 0 always computes, so 1 step leaves nothing to learn), "
+                                 f"got {config.num_steps}")
+    _positive_int(config, "checkpoint_every", allow_zero=True)
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise _fail("seed", f"must be an int >= 0, got {config.seed!r}")
+    _number(config, "guidance_scale", low=0.0, strict=False)
+    _number(config, "lr", low=0.0, strict=True, optional=True)
+    _number(config, "weight_decay", low=0.0, strict=False)
+    _number(config, "beta", low=0.0, strict=True)
+    _number(config, "beta_adapt_rate", low=0.0, strict=False)
+    _number(config, "clamp", low=0.0, strict=True)
+    _number(config, "init_std", low=0.0, strict=False)
+    if not (isinstance(config.threshold, (int, float)) and 0 < config.threshold < 1):
+        raise _fail("threshold", f"must be in (0, 1) (compute iff weight > threshold), got {config.threshold!r}")
+    if config.iepo_variant not in IEPO_VARIANTS:
+        raise _fail("iepo_variant", f"unknown variant {config.iepo_variant!r}; choose one of {', '.join(IEPO_VARIANTS)}")
+
+    cond = config.conditioning
+    if not isinstance(cond, (ClassConditioning, PromptConditioning)):
+        raise _fail("conditioning", f"must be ClassConditioning(num_classes, null_class) for DiT or "
+                                    f"PromptConditioning(embeds, ...) for PixArt, got {type(cond).__name__}")
+    cond.check()
+    if is_text_model and not isinstance(cond, PromptConditioning):
+        raise _fail("conditioning", f"{model_class} is text-conditioned; pass PromptConditioning(embeds, mask, ...)")
+    if not is_text_model and not isinstance(cond, ClassConditioning):
+        raise _fail("conditioning", f"{model_class} is class-conditioned; pass ClassConditioning(num_classes, null_class)")
+    if isinstance(cond, PromptConditioning) and config.guidance_scale != 1.0 and cond.negative_embeds is None:
+        raise _fail("conditioning", "guidance_scale != 1 needs PromptConditioning.negative_embeds (the encoded "
+                                    "negative prompt); pass it or set guidance_scale=1")
+
+    if config.target_speedup is not None and config.target_cur is not None:
+        raise _fail("target_speedup", "pass at most one of target_speedup and target_cur")
+    cost = cost_fn()
+    max_cur, max_speedup = max_reachable(config.num_steps, num_blocks, cost)
+    if config.target_cur is not None:
+        _number(config, "target_cur", low=0.0, strict=True)
+        if config.target_cur > max_cur:
+            raise _fail("target_cur", f"{config.target_cur} is unreachable: caching every unit of steps "
+                                      f"1..{config.num_steps - 1} gives CUR {max_cur:.4f} at T={config.num_steps}; "
+                                      f"lower the target or raise num_steps")
+    if config.target_speedup is not None:
+        _number(config, "target_speedup", low=1.0, strict=True)
+        if config.target_speedup > max_speedup:
+            raise _fail("target_speedup", f"{config.target_speedup} is unreachable: caching every unit of steps "
+                                          f"1..{config.num_steps - 1} gives a theoretical speedup of "
+                                          f"{max_speedup:.4f} for this model (T={config.num_steps}, L={num_blocks}); "
+                                          f"lower the target")
+
+    if config.init_router is not None:
+        r = config.init_router
+        if not isinstance(r, Router):
+            raise _fail("init_router", f"must be a harmonica Router, got {type(r).__name__}")
+        _check_router_fits(r, "init_router", config.num_steps, num_blocks, model_class, block_width)
+
+    if config.method == "l2c":
+        x = config.l2c_latents
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] < 1:
+            raise _fail("l2c_latents", "L2C trains on real data: pass clean model-space inputs (N, C, H, W) "
+                                       "(for the testbed: harmonica.testbed.data.load_tensors('train')[0])")
+        c = config.l2c_choices
+        if c is not None:
+            if not isinstance(c, torch.Tensor) or tuple(c.shape) != (x.shape[0],) or c.dtype != torch.long:
+                raise _fail("l2c_choices", f"must be an int64 tensor of shape ({x.shape[0]},) (labels / prompt "
+                                           f"indices of l2c_latents), got {getattr(c, 'shape', c)!r}")
+            if int(c.min()) < 0 or int(c.max()) >= cond.num_choices:
+                raise _fail("l2c_choices", f"values must lie in [0, {cond.num_choices})")
+    if config.resume and not config.checkpoint_dir:
+        raise _fail("resume", "resume=True needs checkpoint_dir (where the interrupted run wrote its checkpoints)")
+    return cost
+
+
+def _check_router_fits(router: Router, field: str, num_steps: int, num_blocks: int, model_class: str,
+                       block_width: int) -> None:
+    problems = []
+    if router.num_steps != num_steps:
+        problems.append(f"it has {router.num_steps} steps but num_steps={num_steps}")
+    if router.num_blocks != num_blocks:
+        problems.append(f"it has {router.num_blocks} blocks but the model has {num_blocks}")
+    recorded = router.metadata.get("model_class")
+    if recorded is not None and recorded != model_class:
+        problems.append(f"it was trained for {recorded}, the model is {model_class}")
+    width = router.metadata.get("block_width")
+    if width is not None and width != block_width:
+        problems.append(f"it was trained for block width {width}, the model's is {block_width}")
+    if problems:
+        raise _fail(field, "router does not fit this model/run: " + "; ".join(problems) +
+                    "; use a router trained for this model and step count, or none")
+
+
+def model_facts(transformer: torch.nn.Module) -> dict[str, Any]:
+    from ..adapters import find_adapter, find_blocks
+    from ..apply import block_width
+
+    adapter = find_adapter(transformer)
+    return {
+        "model_class": type(transformer).__name__,
+        "num_blocks": len(find_blocks(transformer)),
+        "block_width": block_width(transformer),
+        "is_text_model": adapter.NAME != "dit",
+    }

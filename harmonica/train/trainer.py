@@ -1,0 +1,193 @@
+"""train_router: validation, the training loop shared by HarmoniCa and L2C, target speed, resume, output."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..apply import disable_cache, enable_cache, get_cache_state, model_cost
+from ..sampling import scheduler_name
+from ..schedule import ModelCost, Router, Schedule
+from . import checkpoint, iepo, l2c, sdt
+from .config import TrainConfig, _check_router_fits, model_facts, validate
+from .context import Run
+from .distributed import World, broadcast_, current_world, seeded
+
+__all__ = ["train_router"]
+
+
+def _cost(transformer, config: TrainConfig, size: int) -> ModelCost:
+    cfg_batch = 2 if config.guidance_scale != 1.0 else 1
+    text_tokens = config.conditioning.text_tokens() if config.conditioning is not None else None
+    return model_cost(transformer, batch=config.batch_size * cfg_batch, height=size, width=size,
+                      text_tokens=text_tokens)
+
+
+def _measure(router: Router, threshold: float, cost: ModelCost) -> tuple[float, float]:
+    schedule = router.to_schedule(threshold)
+    return schedule.cache_usage, schedule.theoretical_speedup(cost)
+
+
+def adapt_beta(beta: float, config: TrainConfig, cur: float, speedup: float, updates: int) -> float:
+    """Lagrange-multiplier step in log space: raise beta while the router caches less than the target,
+    lower it while it caches more. The step is per optimiser update, so HarmoniCa (T-1 updates per
+    iteration) and L2C (one) move beta equally fast per update."""
+    if config.target_cur is not None:
+        error = config.target_cur - cur
+    elif config.target_speedup is not None:
+        error = math.log(config.target_speedup / speedup)
+    else:
+        return beta
+    # Bounded so one far-off measurement cannot move beta by more than e per iteration.
+    step = max(-1.0, min(1.0, config.beta_adapt_rate * updates * error))
+    return beta * math.exp(step)
+
+
+def train_router(transformer: torch.nn.Module, scheduler, config: TrainConfig,
+                 *, callback: Optional[Callable[[dict], None]] = None) -> Router:
+    """Train a caching router for ``transformer`` sampled with ``scheduler`` (a diffusers scheduler).
+
+    The DiT is frozen for the duration (requires_grad False, eval mode; both restored afterwards).
+    Under torch.distributed (torchrun) each process trains on its own trajectories and the router
+    gradients and IEPO lambda are averaged; only rank 0 writes checkpoints and logs.
+
+    ``callback(info)`` is called after every iteration (and after its checkpoint) with the iteration's
+    statistics; an exception it raises stops training (the checkpoint stays for ``resume=True``).
+    Returns the trained :class:`~harmonica.Router`; its ``metadata`` records the config, the final
+    threshold (use ``router.to_schedule(router.metadata["threshold"])``), achieved CUR and speedup.
+    """
+    started = time.perf_counter()
+    world = current_world()
+    facts = model_facts(transformer)
+    sampler = scheduler_name(scheduler)
+    size = config.latent_size or transformer.config.sample_size
+    cost = validate(config, sampler=sampler, num_blocks=facts["num_blocks"], model_class=facts["model_class"],
+                    block_width=facts["block_width"], cost_fn=lambda: _cost(transformer, config, size),
+                    is_text_model=facts["is_text_model"])
+    if get_cache_state(transformer) is not None:
+        raise RuntimeError("caching is enabled on this transformer; call harmonica.disable_cache before training")
+
+    T, L = config.num_steps, facts["num_blocks"]
+    model_doc = {k: facts[k] for k in ("model_class", "num_blocks", "block_width")}
+    model_doc["num_steps"] = T
+    expected = {"model": model_doc, "sampler": sampler, "global_batch": config.batch_size * world.size,
+                "config": {**config.to_json(), "world_size": world.size}}
+    resumed = None
+    if config.resume:
+        tensors, document = checkpoint.load(config.checkpoint_dir)
+        checkpoint.check_resumable(document, expected, checkpoint.path_in(config.checkpoint_dir))
+        resumed = (tensors, document)
+
+    param = next(transformer.parameters())
+    device, dtype = param.device, param.dtype
+    if config.init_router is not None:
+        logits = config.init_router.logits.detach().float()
+    else:
+        logits = Router.init(T, L, std=config.init_std, generator=seeded(config.seed, -1, 0, "router-init")).logits
+    router = Router(logits.to(device))
+    optimizer = torch.optim.AdamW([router.logits], lr=config.learning_rate, weight_decay=config.weight_decay)
+    lam = torch.ones(T, device=device)
+    beta, start, previous_wall, refreshes, updates = config.beta, 0, 0.0, 0, 0
+    if resumed is not None:
+        tensors, document = resumed
+        _check_router_fits(Router(tensors["logits"]), "resume", T, L, facts["model_class"], facts["block_width"])
+        with torch.no_grad():
+            router.logits.copy_(tensors["logits"].to(device))
+        checkpoint.restore_optimizer(optimizer, tensors)
+        lam = tensors["lambda"].to(device)
+        beta, start = document["beta"], document["iteration"]
+        previous_wall, refreshes, updates = document["wall_time_s"], document["lambda_refreshes"], document["updates"]
+    # Identical routers on every process, whatever each loaded.
+    with torch.no_grad():
+        broadcast_(router.logits.data, world)
+
+    grad_flags = [p.requires_grad for p in transformer.parameters()]
+    was_training = transformer.training
+    transformer.requires_grad_(False).eval()
+    state = enable_cache(transformer, Schedule.full(T, L))
+    channels = transformer.config.in_channels
+    run = Run(transformer=transformer, scheduler=scheduler, state=state, router=router, optimizer=optimizer,
+              config=config, world=world, latent_shape=(channels, size, size), device=device, dtype=dtype,
+              beta=beta, lam=lam, updates=updates, lambda_refreshes=refreshes)
+    log = open(config.log_file, "a") if config.log_file and world.is_main else None
+    bar = tqdm(total=config.iterations, initial=start, desc=f"train {config.method}",
+               disable=not (config.progress and world.is_main))
+    stats = {}
+    try:
+        for iteration in range(start, config.iterations):
+            if config.method == "harmonica":
+                start_point = run.draw_start(iteration)
+                if iteration % config.iepo_refresh == 0:
+                    run.lam = iepo.refresh_lambda(run, *start_point, iteration)
+                    run.lambda_refreshes += 1
+                out = sdt.trajectory(run, iteration, start_point)
+                updates_now = T - 1
+            else:
+                out = l2c.update(run, iteration)
+                updates_now = 1
+            cur, speedup = _measure(router, config.threshold, cost)
+            run.beta = adapt_beta(run.beta, config, cur, speedup, updates_now)
+            # The one host read of the loss per iteration (logging); the hot loop never syncs for it.
+            mse = out["mse"]
+            loss = float((run.lam * mse).sum() / (mse != 0).sum().clamp(min=1))
+            stats = {"iteration": iteration + 1, "loss": loss, "cur": cur, "speedup": speedup, "beta": run.beta,
+                     "lambda_refreshes": run.lambda_refreshes, "updates": run.updates,
+                     "wall_time_s": previous_wall + time.perf_counter() - started}
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3g}", CUR=f"{cur:.3f}", beta=f"{run.beta:.3g}", lam=run.lambda_refreshes)
+            if log is not None:
+                log.write(json.dumps(stats) + "\n")
+                log.flush()
+            last = iteration + 1 == config.iterations
+            every = config.checkpoint_every
+            if config.checkpoint_dir and world.is_main and (last or (every and (iteration + 1) % every == 0)):
+                checkpoint.save(config.checkpoint_dir, logits=router.logits, optimizer=optimizer, lam=run.lam,
+                                document={**expected, "iteration": iteration + 1, "beta": run.beta,
+                                          "lambda_refreshes": run.lambda_refreshes, "updates": run.updates,
+                                          "wall_time_s": stats["wall_time_s"]})
+            if callback is not None:
+                callback(dict(stats))
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        disable_cache(transformer)
+        for p, flag in zip(transformer.parameters(), grad_flags):
+            p.requires_grad_(flag)
+        transformer.train(was_training)
+
+    return _finish(router, run, config, cost, sampler, facts, world,
+                   wall=previous_wall + time.perf_counter() - started)
+
+
+def _finish(router: Router, run: Run, config: TrainConfig, cost: ModelCost, sampler: str, facts: dict,
+            world: World, wall: float) -> Router:
+    if config.target_speedup is not None:
+        threshold = router.threshold_for(target_speedup=config.target_speedup, cost=cost)
+    elif config.target_cur is not None:
+        threshold = router.threshold_for(target_cur=config.target_cur)
+    else:
+        threshold = config.threshold
+    cur, speedup = _measure(router, threshold, cost)
+    out = Router(router.logits.detach().cpu(), metadata={
+        "method": config.method,
+        "sampler": sampler,
+        "model_class": facts["model_class"],
+        "block_width": facts["block_width"],
+        "threshold": threshold,
+        "achieved_cur": cur,
+        "theoretical_speedup": speedup,
+        "guidance_scale": config.guidance_scale,
+        "beta_final": run.beta,
+        "lambda": run.lam.detach().cpu().tolist(),
+        "optimizer_updates": run.updates,
+        "world_size": world.size,
+        "wall_time_s": wall,
+        "train_config": config.to_json(),
+    })
+    return out
