@@ -1,0 +1,236 @@
+"""The comparison table: uncached vs fewer steps vs FORA (vs Delta-DiT) vs learned routers, on the testbed.
+
+    python -m harmonica.compare --samples 1000 --out runs/compare          # bundled routers, DDIM 20
+    python -m harmonica.compare --samples 1000 --router harmonica=r.safetensors --router l2c=l.safetensors
+
+Every row samples the same labels from the same noise (harmonica.testbed.generate with one seed), so
+PSNR compares each image with its own uncached counterpart. Measured speedup is wall-clock on this
+machine: each row samples the same timing batch as the uncached row, the rows interleaved over several
+rounds within the one run, and the fastest round of each row is kept (the least disturbed by other
+processes on a shared CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .apply import disable_cache, enable_cache, model_cost
+from .schedule import Router, Schedule
+
+__all__ = ["Row", "ComparisonTable", "compare", "main"]
+
+COLUMNS = ("method", "steps", "fid_fmnist", "accuracy", "psnr", "ssim", "cur", "theoretical_speedup",
+           "measured_speedup", "seconds")
+
+
+@dataclasses.dataclass
+class Row:
+    method: str
+    steps: int
+    schedule: Optional[Schedule]  # None = uncached
+    fid_fmnist: float = math.nan
+    accuracy: float = math.nan
+    psnr: Optional[float] = None  # None for the uncached reference itself
+    ssim: Optional[float] = None
+    cur: float = 0.0
+    theoretical_speedup: float = 1.0
+    measured_speedup: float = math.nan
+    seconds: float = math.inf  # fastest timing round of this row
+
+    def to_json(self) -> dict:
+        return {c: getattr(self, c) for c in COLUMNS}
+
+
+@dataclasses.dataclass
+class ComparisonTable:
+    rows: list[Row]
+    settings: dict
+
+    def to_json(self) -> dict:
+        return {"settings": self.settings, "rows": [r.to_json() for r in self.rows]}
+
+    def markdown(self) -> str:
+        s = self.settings
+        head = (f"Testbed DiT, {s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']}, "
+                f"{s['num_samples']} samples (seed {s['seed']}); measured speedup on batch {s['timing_samples']}, "
+                f"best of {s['timing_repeats']} interleaved rounds.\n\n")
+        lines = ["| method | steps | FID-FMNIST | accuracy | PSNR vs uncached (dB) | SSIM | CUR % | theoretical speedup | measured speedup |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            psnr = "-" if r.psnr is None else f"{r.psnr:.2f}"
+            ssim = "-" if r.ssim is None else f"{r.ssim:.4f}"
+            cur = "-" if r.schedule is None else f"{100 * r.cur:.2f}"
+            lines.append(f"| {r.method} | {r.steps} | {r.fid_fmnist:.3f} | {100 * r.accuracy:.1f}% | {psnr} | {ssim} | "
+                         f"{cur} | {r.theoretical_speedup:.3f} | {r.measured_speedup:.3f} |")
+        return head + "\n".join(lines) + "\n"
+
+
+def _router_schedule(router: Router) -> Schedule:
+    threshold = router.metadata.get("threshold")
+    return router.to_schedule(0.1 if threshold is None else threshold)
+
+
+def _generate(bed, labels, row: Row, *, seed: int, guidance: float, sampler: str, batch_size: int):
+    from .testbed import generate
+
+    if row.schedule is not None:
+        enable_cache(bed.transformer, row.schedule)
+    try:
+        return generate(bed, labels, seed=seed, num_inference_steps=row.steps, guidance_scale=guidance,
+                        sampler=sampler, batch_size=batch_size)
+    finally:
+        if row.schedule is not None:
+            disable_cache(bed.transformer)
+
+
+def compare(
+    bed=None,
+    *,
+    routers: Optional[dict[str, Router]] = None,
+    num_samples: int = 1000,
+    steps: Optional[int] = None,
+    sampler: Optional[str] = None,
+    guidance_scale: Optional[float] = None,
+    seed: int = 0,
+    batch_size: int = 250,
+    fewer_steps: Optional[int] = None,
+    match: Optional[str] = None,
+    delta_dit: bool = True,
+    timing_samples: Optional[int] = None,
+    timing_repeats: int = 3,
+    classifier=None,
+    reference=None,
+    progress: bool = False,
+) -> ComparisonTable:
+    """Build the comparison table on ``bed`` (default: the bundled testbed).
+
+    routers: name -> Router (each sampled with its metadata threshold). The "fewer steps" row uses
+    ``fewer_steps`` steps, or ceil(T / theoretical speedup of the ``match`` row) (default: the
+    "harmonica" router, else the first router, else FORA), so it is never faster in theory than the
+    row it is matched with. ``classifier``/``reference`` override the bundled FID classifier and
+    test-set statistics (tests use small random ones).
+    """
+    from . import evaluate
+    from . import testbed as tb
+
+    bed = bed if bed is not None else tb.load()
+    steps = steps or tb.DEFAULT_STEPS
+    sampler = sampler or tb.DEFAULT_SAMPLER
+    guidance = tb.DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+    routers = dict(routers or {})
+    blocks = len(bed.transformer.transformer_blocks)
+    timing_samples = timing_samples or min(batch_size, num_samples)
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2 (FID needs a covariance), got {num_samples}")
+    cost = model_cost(bed.transformer, batch=2 * timing_samples)
+
+    rows = [Row(f"uncached (DDIM {steps})" if sampler == "ddim" else f"uncached ({sampler} {steps})", steps, None)]
+    cached = [Row("FORA (interval 2)", steps, Schedule.fora(steps, blocks, 2))]
+    if delta_dit:
+        cached.append(Row("Delta-DiT", steps, Schedule.delta_dit(steps, blocks)))
+    for name, router in routers.items():
+        if router.num_steps != steps:
+            raise ValueError(f"router {name!r} has {router.num_steps} steps but the table samples {steps}; "
+                             f"pass steps={router.num_steps} or a router trained for {steps} steps")
+        cached.append(Row(name, steps, _router_schedule(router)))
+    for row in cached:
+        row.cur = row.schedule.cache_usage
+        row.theoretical_speedup = row.schedule.theoretical_speedup(cost)
+    if fewer_steps is None:
+        key = match or ("harmonica" if "harmonica" in routers else next(iter(routers), "FORA (interval 2)"))
+        target = next((r for r in cached if r.method == key), None)
+        if target is None:
+            raise ValueError(f"match={key!r} is not a row; choose one of {[r.method for r in cached]}")
+        fewer_steps = max(1, math.ceil(steps / target.theoretical_speedup))
+    fewer = Row(f"fewer steps ({fewer_steps})", fewer_steps, None, theoretical_speedup=steps / fewer_steps)
+    rows = rows + [fewer] + cached
+
+    labels = torch.arange(num_samples) % len(bed.class_names)
+    kw = dict(seed=seed, guidance=guidance, sampler=sampler, batch_size=batch_size)
+    images = {}
+    for row in rows:
+        images[row.method] = _generate(bed, labels, row, **kw)
+        row.fid_fmnist = evaluate.fid_fmnist(images[row.method], classifier=classifier, reference=reference)
+        row.accuracy = evaluate.classifier_accuracy(images[row.method], labels, classifier=classifier)
+        if progress:
+            print(f"{row.method}: FID {row.fid_fmnist:.3f}", flush=True)
+    ref = images[rows[0].method]
+    for row in rows[1:]:
+        row.psnr = float(evaluate.psnr(images[row.method], ref).clamp(max=1e3).mean())
+        row.ssim = float(evaluate.ssim(images[row.method], ref).mean())
+
+    timing_labels = labels[:timing_samples]
+    timing_kw = dict(kw, batch_size=timing_samples)
+    for _ in range(timing_repeats):
+        for row in rows:
+            start = time.perf_counter()
+            _generate(bed, timing_labels, row, **timing_kw)
+            row.seconds = min(row.seconds, time.perf_counter() - start)
+    for row in rows:
+        row.measured_speedup = rows[0].seconds / row.seconds
+
+    settings = {"num_samples": num_samples, "steps": steps, "sampler": sampler, "guidance_scale": guidance,
+                "seed": seed, "timing_samples": timing_samples, "timing_repeats": timing_repeats,
+                "torch_threads": torch.get_num_threads(),
+                "routers": {name: {k: r.metadata.get(k) for k in ("method", "threshold", "achieved_cur",
+                                                                   "theoretical_speedup", "wall_time_s")}
+                            for name, r in routers.items()}}
+    return ComparisonTable(rows, settings)
+
+
+def main(argv=None) -> ComparisonTable:
+    p = argparse.ArgumentParser(prog="python -m harmonica.compare", description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=None, help="default: the testbed's (20)")
+    p.add_argument("--guidance", type=float, default=None, help="default: the testbed's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--timing-samples", type=int, default=None)
+    p.add_argument("--timing-repeats", type=int, default=3)
+    p.add_argument("--fewer-steps", type=int, default=None)
+    p.add_argument("--router", action="append", default=[], metavar="NAME=PATH",
+                   help="a router file; default: the bundled harmonica and l2c routers for the settings")
+    p.add_argument("--no-delta-dit", action="store_true")
+    p.add_argument("--dit-dir", default=None, help="an exported testbed DiT directory (default: the bundled one)")
+    p.add_argument("--out", default=None, help="directory for table.md and table.json")
+    args = p.parse_args(argv)
+
+    from .testbed import DEFAULT_SAMPLER, DEFAULT_STEPS
+    from .testbed.routers import available, load_router, load_testbed
+
+    steps = args.steps or DEFAULT_STEPS
+    routers = {}
+    for spec in args.router:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--router expects NAME=PATH, got {spec!r}")
+        routers[name] = Router.load(path)
+    if not args.router:
+        for method in ("l2c", "harmonica"):
+            if (method, DEFAULT_SAMPLER, steps) in available():
+                routers[method] = load_router(method, DEFAULT_SAMPLER, steps)
+    bed = load_testbed(args.dit_dir)
+    table = compare(bed, routers=routers, num_samples=args.samples, steps=steps, guidance_scale=args.guidance,
+                    seed=args.seed, batch_size=args.batch_size, fewer_steps=args.fewer_steps,
+                    delta_dit=not args.no_delta_dit, timing_samples=args.timing_samples,
+                    timing_repeats=args.timing_repeats, progress=True)
+    text = table.markdown()
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(text)
+        (out / "table.json").write_text(json.dumps(table.to_json(), indent=2, allow_nan=True) + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    main()
