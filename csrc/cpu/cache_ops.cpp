@@ -6,6 +6,10 @@
 #include <tuple>
 #include <type_traits>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -68,6 +72,46 @@ struct AccPair {
   }
 };
 
+// The gate in the accumulation type: half/bfloat16 gates are widened once per call (B x D
+// elements) instead of once per token, which is a quarter of the conversions of the row loops.
+at::Tensor gate_in_acc_type(const at::Tensor& gate_2d) {
+  const at::ScalarType acc_type = at::toOpMathType(gate_2d.scalar_type());
+  return gate_2d.scalar_type() == acc_type ? gate_2d : gate_2d.to(acc_type);
+}
+
+// Copies one cache row with non-temporal stores where possible. The slot is read again only at a
+// later sampling step, after every other block has streamed its own activations through the cache
+// hierarchy, so keeping it in cache is useless and the read-for-ownership of normal stores costs
+// as much bandwidth as the write itself. Callers must issue finish_streaming_stores() before the
+// parallel region ends. Overlapping source and target (a slot refreshed from itself) is a no-op.
+void copy_row_streaming(void* target, const void* source, int64_t bytes) {
+  if (target == source) {
+    return;
+  }
+  char* out = static_cast<char*>(target);
+  const char* in = static_cast<const char*>(source);
+#if defined(__AVX2__)
+  constexpr int64_t kLine = 32;
+  const int64_t misalignment = static_cast<int64_t>(reinterpret_cast<std::uintptr_t>(out) % kLine);
+  const int64_t head = std::min<int64_t>(bytes, misalignment == 0 ? 0 : kLine - misalignment);
+  std::memmove(out, in, head);
+  int64_t done = head;
+  for (; done + kLine <= bytes; done += kLine) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(out + done),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + done)));
+  }
+  std::memmove(out + done, in + done, bytes - done);
+#else
+  std::memmove(out, in, bytes);
+#endif
+}
+
+void finish_streaming_stores() {
+#if defined(__AVX2__)
+  _mm_sfence();
+#endif
+}
+
 // Rows per parallel task: enough elements per task that thread hand-off is negligible.
 int64_t grain_rows(int64_t hidden) {
   constexpr int64_t kGrainElements = 32768;
@@ -76,13 +120,14 @@ int64_t grain_rows(int64_t hidden) {
 
 // out_row = x_row + gate_row * value_row over one row of `hidden` channels.
 template <typename scalar_t>
-void gated_residual_row(const scalar_t* x, const scalar_t* gate, const scalar_t* value, scalar_t* out,
-                        int64_t hidden) {
+void gated_residual_row(const scalar_t* x, const at::opmath_type<scalar_t>* gate, const scalar_t* value,
+                        scalar_t* out, int64_t hidden) {
   using Pair = AccPair<scalar_t>;
+  using GatePair = AccPair<at::opmath_type<scalar_t>>;
   for (int64_t d = 0; d < hidden; d += Pair::kWidth) {
     const int64_t count = std::min<int64_t>(Pair::kWidth, hidden - d);
     const Pair xv = Pair::load(x + d, count);
-    const Pair gv = Pair::load(gate + d, count);
+    const GatePair gv = GatePair::load(gate + d, count);
     const Pair vv = Pair::load(value + d, count);
     Pair{gated_residual(xv.lo, gv.lo, vv.lo), gated_residual(xv.hi, gv.hi, vv.hi)}.store(out + d, count);
   }
@@ -92,18 +137,19 @@ template <typename scalar_t>
 void gated_residual_kernel(const GatedResidualInputs& in, scalar_t* out, scalar_t* cache_out) {
   const HiddenShape s = in.shape;
   const scalar_t* x = in.x.const_data_ptr<scalar_t>();
-  const scalar_t* gate = in.gate.const_data_ptr<scalar_t>();
+  const at::Tensor gate_acc = gate_in_acc_type(in.gate);
+  const at::opmath_type<scalar_t>* gate = gate_acc.const_data_ptr<at::opmath_type<scalar_t>>();
   const scalar_t* value = in.value.const_data_ptr<scalar_t>();
-  const int64_t gate_stride = in.gate.stride(0);
+  const int64_t gate_stride = gate_acc.stride(0);
   at::parallel_for(0, s.batch * s.tokens, grain_rows(s.hidden), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t offset = row * s.hidden;
       gated_residual_row(x + offset, gate + (row / s.tokens) * gate_stride, value + offset, out + offset, s.hidden);
       if (cache_out != nullptr) {
-        // memmove: `branch` and `cache` may legally be the same tensor.
-        std::memmove(cache_out + offset, value + offset, s.hidden * sizeof(scalar_t));
+        copy_row_streaming(cache_out + offset, value + offset, s.hidden * sizeof(scalar_t));
       }
     }
+    finish_streaming_stores();
   });
 }
 
@@ -145,25 +191,27 @@ void cache_read_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, const a
 template <typename scalar_t>
 void blend_kernel(const BlendInputs& in, scalar_t* out) {
   using Pair = AccPair<scalar_t>;
+  using GatePair = AccPair<at::opmath_type<scalar_t>>;
   using Vec = typename Pair::Vec;
   using acc_t = typename Pair::acc_t;
   const HiddenShape s = in.shape;
   const scalar_t* x = in.x.const_data_ptr<scalar_t>();
-  const scalar_t* gate = in.gate.const_data_ptr<scalar_t>();
+  const at::Tensor gate_acc = gate_in_acc_type(in.gate);
+  const acc_t* gate = gate_acc.const_data_ptr<acc_t>();
   const scalar_t* fresh = in.fresh.const_data_ptr<scalar_t>();
   const scalar_t* cache = in.cache.const_data_ptr<scalar_t>();
   const acc_t* w = in.w.const_data_ptr<acc_t>();
-  const int64_t gate_stride = in.gate.stride(0);
+  const int64_t gate_stride = gate_acc.stride(0);
   at::parallel_for(0, s.batch * s.tokens, grain_rows(s.hidden), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / s.tokens;
       const Vec wv(w[b * in.w_batch_stride]);
-      const scalar_t* gate_row = gate + b * gate_stride;
+      const acc_t* gate_row = gate + b * gate_stride;
       const int64_t offset = row * s.hidden;
       for (int64_t d = 0; d < s.hidden; d += Pair::kWidth) {
         const int64_t count = std::min<int64_t>(Pair::kWidth, s.hidden - d);
         const Pair xv = Pair::load(x + offset + d, count);
-        const Pair gv = Pair::load(gate_row + d, count);
+        const GatePair gv = GatePair::load(gate_row + d, count);
         const Pair fv = Pair::load(fresh + offset + d, count);
         const Pair cv = Pair::load(cache + offset + d, count);
         Pair{gated_residual(xv.lo, gv.lo, blend_value(fv.lo, cv.lo, wv)),
@@ -199,17 +247,18 @@ void blend_backward_kernel(const BlendInputs& in, int64_t tokens_per_chunk, int6
   using acc_t = typename Pair::acc_t;
   const HiddenShape s = in.shape;
   const scalar_t* grad_out = in.x.const_data_ptr<scalar_t>();
-  const scalar_t* gate = in.gate.const_data_ptr<scalar_t>();
+  const at::Tensor gate_acc = gate_in_acc_type(in.gate);
+  const acc_t* gate = gate_acc.const_data_ptr<acc_t>();
   const scalar_t* fresh = in.fresh.const_data_ptr<scalar_t>();
   const scalar_t* cache = in.cache.const_data_ptr<scalar_t>();
   const acc_t* w = in.w.const_data_ptr<acc_t>();
-  const int64_t gate_stride = in.gate.stride(0);
+  const int64_t gate_stride = gate_acc.stride(0);
   at::parallel_for(0, s.batch * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks;
       const int64_t chunk = task % chunks;
       const Vec wv(w[b * in.w_batch_stride]);
-      const scalar_t* gate_row = gate + b * gate_stride;
+      const acc_t* gate_row = gate + b * gate_stride;
       acc_t* grad_gate_row = partial_grad_gate + task * s.hidden;
       std::fill(grad_gate_row, grad_gate_row + s.hidden, acc_t(0));
       Vec grad_w_acc(acc_t(0));
@@ -220,7 +269,7 @@ void blend_backward_kernel(const BlendInputs& in, int64_t tokens_per_chunk, int6
           const int64_t count = std::min<int64_t>(Pair::kWidth, s.hidden - d);
           // Partial loads zero the unused lanes, so they add exactly 0 to the sums below.
           const Pair gov = Pair::load(grad_out + offset + d, count);
-          const Pair gv = Pair::load(gate_row + d, count);
+          const AccPairT gv = AccPairT::load(gate_row + d, count);
           const Pair fv = Pair::load(fresh + offset + d, count);
           const Pair cv = Pair::load(cache + offset + d, count);
           Pair{blend_grad_fresh(gov.lo, gv.lo, wv), blend_grad_fresh(gov.hi, gv.hi, wv)}.store(
@@ -297,9 +346,10 @@ template <typename scalar_t>
 void gated_merge_kernel(const GatedMergeInputs& in, const int32_t* slot_of_row, scalar_t* cache, scalar_t* out) {
   const HiddenShape s = in.shape;
   const scalar_t* x = in.x.const_data_ptr<scalar_t>();
-  const scalar_t* gate = in.gate.const_data_ptr<scalar_t>();
+  const at::Tensor gate_acc = gate_in_acc_type(in.gate);
+  const at::opmath_type<scalar_t>* gate = gate_acc.const_data_ptr<at::opmath_type<scalar_t>>();
   const scalar_t* branch_active = in.branch_active.const_data_ptr<scalar_t>();
-  const int64_t gate_stride = in.gate.stride(0);
+  const int64_t gate_stride = gate_acc.stride(0);
   at::parallel_for(0, s.batch * s.tokens, grain_rows(s.hidden), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / s.tokens;
@@ -309,9 +359,10 @@ void gated_merge_kernel(const GatedMergeInputs& in, const int32_t* slot_of_row, 
           slot >= 0 ? branch_active + (slot * s.tokens + row % s.tokens) * s.hidden : cache + offset;
       gated_residual_row(x + offset, gate + b * gate_stride, value, out + offset, s.hidden);
       if (slot >= 0) {
-        std::memcpy(cache + offset, value, s.hidden * sizeof(scalar_t));
+        copy_row_streaming(cache + offset, value, s.hidden * sizeof(scalar_t));
       }
     }
+    finish_streaming_stores();
   });
 }
 

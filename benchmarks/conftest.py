@@ -1,0 +1,85 @@
+"""pytest-benchmark setup for the harmonica benchmarks (not part of the test run).
+
+Benchmark files are named bench_*.py, which the default pytest collection ignores, so a plain
+`pytest` never runs them; they are collected only when benchmarks/ is named on the command line
+(`pytest benchmarks/ --benchmark-only`). At the end a table compares each fused op with the eager
+composition it replaces and with a plain copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARK_DIR = Path(__file__).parent.resolve()
+
+
+def pytest_configure(config):
+    # HARMONICA_BENCH_THREADS pins the intra-op thread count for fused and eager alike. On a
+    # shared machine a second thread waits for a busy core, which adds noise to every ratio.
+    threads = os.environ.get("HARMONICA_BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def _benchmarks_requested(config) -> bool:
+    for arg in config.args:
+        path = Path(str(arg).split("::")[0]).resolve()
+        if path == BENCHMARK_DIR or BENCHMARK_DIR in path.parents:
+            return True
+    return False
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and _benchmarks_requested(parent.config):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    by_group: dict[str, dict[str, object]] = {}
+    for bench in session.benchmarks:
+        if bench.stats and bench.group:
+            by_group.setdefault(bench.group, {})[bench.extra_info.get("impl", bench.name)] = bench
+    copies = {
+        group.split("/", 1)[1]: runs["copy"]
+        for group, runs in by_group.items()
+        if group.startswith("copy/") and "copy" in runs
+    }
+    # Medians describe typical behaviour; minima are what the op achieves when the shared cores are
+    # free, the steadier basis for ratios on a loaded machine. Both are shown.
+    lines = [
+        "| op | shape | dtype | eager ms (median) | fused ms (median) | speedup (median) | speedup (min) "
+        "| fused GB/s (min) | copy GB/s (min) | fused / copy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for group, runs in sorted(by_group.items()):
+        if group.startswith("copy/") or "fused" not in runs:
+            continue
+        fused = runs["fused"]
+        eager = runs.get("eager")
+        case = group.split("/", 1)[1]
+        op = group.split("/", 1)[0]
+        shape, dtype = case.rsplit("-", 1)
+        bytes_moved = fused.extra_info["bytes"]
+        fused_gbs = bytes_moved / fused.stats.min / 1e9
+        copy = copies.get(case)
+        copy_gbs = copy.extra_info["bytes"] / copy.stats.min / 1e9 if copy else float("nan")
+        eager_ms = f"{eager.stats.median * 1e3:.2f}" if eager else "-"
+        speedup_median = f"{eager.stats.median / fused.stats.median:.2f}x" if eager else "-"
+        speedup_min = f"{eager.stats.min / fused.stats.min:.2f}x" if eager else "-"
+        lines.append(
+            f"| {op} | {shape} | {dtype} | {eager_ms} | {fused.stats.median * 1e3:.2f} | {speedup_median} | "
+            f"{speedup_min} | {fused_gbs:.1f} | {copy_gbs:.1f} | {fused_gbs / copy_gbs:.2f} |"
+        )
+    terminalreporter.write_sep(
+        "=", f"harmonica fused ops vs eager ({torch.get_num_threads()} threads, {os.cpu_count()} cores, same run)"
+    )
+    for line in lines:
+        terminalreporter.write_line(line)
