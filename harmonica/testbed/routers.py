@@ -6,8 +6,8 @@
 
 Retrain (writes assets/routers/<method>_<sampler>_<steps>.safetensors; settings in the file's metadata):
 
-    python -m harmonica.testbed.routers --method harmonica --iterations 60 --target-speedup 1.9
-    python -m harmonica.testbed.routers --method l2c --updates-like-harmonica 60 --target-speedup 1.9
+    python -m harmonica.testbed.routers --method harmonica --iterations 80 --target-speedup 1.6
+    python -m harmonica.testbed.routers --method l2c --updates-like-harmonica 80 --target-speedup 1.6 --lr 0.01
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def load_testbed(dit_dir: Optional[str] = None) -> Testbed:
 
 
 def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, iterations: int,
-          batch_size: int = 16, target_speedup: Optional[float] = None, beta: float = 1e-4,
+          batch_size: int = 8, target_speedup: Optional[float] = None, beta: float = 1e-3,
+          lr: Optional[float] = None,
           iepo_refresh: int = 10, seed: int = 0, dit_dir: Optional[str] = None, out: Optional[Path] = None,
           checkpoint_dir: Optional[str] = None, resume: bool = False, log_file: Optional[str] = None) -> Router:
     from ..train import ClassConditioning, TrainConfig, train_router
@@ -85,7 +86,7 @@ def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_S
         extra = {"l2c_latents": images, "l2c_choices": labels}
     config = TrainConfig(method=method, num_steps=steps, conditioning=ClassConditioning(len(bed.class_names), bed.null_class),
                          guidance_scale=DEFAULT_GUIDANCE, batch_size=batch_size, iterations=iterations,
-                         beta=beta, target_speedup=target_speedup, iepo_refresh=iepo_refresh, seed=seed,
+                         beta=beta, lr=lr, target_speedup=target_speedup, iepo_refresh=iepo_refresh, seed=seed,
                          checkpoint_dir=checkpoint_dir, checkpoint_every=5 if checkpoint_dir else 0,
                          resume=resume, log_file=log_file, **extra)
     router = train_router(bed.transformer, bed.make_scheduler(sampler), config)
@@ -107,10 +108,11 @@ def main(argv=None) -> Router:
     g.add_argument("--iterations", type=int, help="HarmoniCa: trajectories; L2C: updates")
     g.add_argument("--updates-like-harmonica", type=int, metavar="N",
                    help="L2C: as many updates as N HarmoniCa trajectories make (N * (steps - 1))")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--target-speedup", type=float, default=None)
-    p.add_argument("--beta", type=float, default=1e-4)
-    p.add_argument("--iepo-refresh", type=int, default=10)
+    p.add_argument("--beta", type=float, default=1e-3, help="starting beta (adapted when a target is given)")
+    p.add_argument("--lr", type=float, default=None, help="default: the reference (HarmoniCa 0.01, L2C 1e-3)")
+    p.add_argument("--iepo-refresh", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dit-dir", default=None)
     p.add_argument("--out", default=None, help="router file (default: the bundled asset path)")
@@ -120,7 +122,7 @@ def main(argv=None) -> Router:
     args = p.parse_args(argv)
     iterations = args.iterations or args.updates_like_harmonica * (args.steps - 1)
     router = train(args.method, sampler=args.sampler, steps=args.steps, iterations=iterations,
-                   batch_size=args.batch_size, target_speedup=args.target_speedup, beta=args.beta,
+                   batch_size=args.batch_size, target_speedup=args.target_speedup, beta=args.beta, lr=args.lr,
                    iepo_refresh=args.iepo_refresh, seed=args.seed, dit_dir=args.dit_dir,
                    out=args.out, checkpoint_dir=args.checkpoint_dir, resume=args.resume, log_file=args.log_file)
     meta = {k: router.metadata[k] for k in ("method", "threshold", "achieved_cur", "theoretical_speedup",

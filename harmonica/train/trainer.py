@@ -174,7 +174,7 @@ def _finish(router: Router, run: Run, config: TrainConfig, cost: ModelCost, samp
     else:
         threshold = config.threshold
     cur, speedup = _measure(router, threshold, cost)
-    out = Router(router.logits.detach().cpu(), metadata={
+    return Router(router.logits.detach().cpu(), metadata={
         "method": config.method,
         "sampler": sampler,
         "model_class": facts["model_class"],
@@ -184,10 +184,9 @@ def _finish(router: Router, run: Run, config: TrainConfig, cost: ModelCost, samp
         "theoretical_speedup": speedup,
         "guidance_scale": config.guidance_scale,
         "beta_final": run.beta,
-        "lambda": run.lam.detach().cpu().tolist(),
+        "lambda": run.lam.detach().cpu().tolist() if config.method == "harmonica" else None,
         "optimizer_updates": run.updates,
         "world_size": world.size,
         "wall_time_s": wall,
         "train_config": config.to_json(),
     })
-    return out
