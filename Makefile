@@ -18,7 +18,7 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --no-build-isolation -v -e . > $(VENV)/build.log 2>&1 || (tail -50 $(VENV)/build.log; exit 1)
-	@grep "^harmonica: building" $(VENV)/build.log
+	@grep -o "harmonica: building.*" $(VENV)/build.log | head -1
 	touch $@
 
 # Real Fashion-MNIST images (router training with the L2C baseline, testbed training, data tests).
