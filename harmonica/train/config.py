@@ -133,7 +133,8 @@ class TrainConfig:
     lr:            AdamW learning rate; None = the reference value (0.01 HarmoniCa, 1e-3 L2C).
     beta:          regulariser weight on sum(w_t); with a target it is only the starting value.
     target_speedup / target_cur: optional; beta is then adapted during training (a Lagrange
-                   multiplier) and the final threshold chosen so the delivered schedule meets the target.
+                   multiplier on the router's soft CUR/speedup, see trainer.soft_measure) and the final
+                   threshold chosen so the delivered (hard) schedule meets the target.
     beta_adapt_rate: log-space step of beta per optimiser update per unit of target error.
     iepo_refresh:  C, iterations between IEPO lambda refreshes (HarmoniCa only).
     iepo_variant:  "paper" (lambda_t from disabling caching at step t only) or "cumulative"

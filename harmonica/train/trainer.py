@@ -33,6 +33,23 @@ def _measure(router: Router, threshold: float, cost: ModelCost) -> tuple[float, 
     return schedule.cache_usage, schedule.theoretical_speedup(cost)
 
 
+def soft_measure(router: Router, cost: ModelCost) -> tuple[float, float]:
+    """CUR and theoretical speedup of the router read as probabilities (unit computes with chance w).
+
+    This is what beta adaptation steers: it responds to every optimiser update, while the hard
+    schedule at the threshold only changes once a logit crosses it - with logits starting around 0
+    and moving at most lr per update, controlling on the hard CUR winds beta up for tens of
+    iterations and then overshoots far past the target. The delivered schedule is still hard: the
+    final threshold is chosen with Router.threshold_for so it meets the target exactly.
+    """
+    with torch.no_grad():
+        w = router.weights().detach().double().cpu()
+    steps, blocks = w.shape[:2]
+    full = steps * (cost.fixed + blocks * (cost.attn + cost.mlp))
+    spent = steps * cost.fixed + float(w[..., 0].sum()) * cost.attn + float(w[..., 1].sum()) * cost.mlp
+    return float((1 - w).mean()), full / spent
+
+
 def adapt_beta(beta: float, config: TrainConfig, cur: float, speedup: float, updates: int) -> float:
     """Lagrange-multiplier step in log space: raise beta while the router caches less than the target,
     lower it while it caches more. The step is per optimiser update, so HarmoniCa (T-1 updates per
@@ -131,11 +148,13 @@ def train_router(transformer: torch.nn.Module, scheduler, config: TrainConfig,
                 out = l2c.update(run, iteration)
                 updates_now = 1
             cur, speedup = _measure(router, config.threshold, cost)
-            run.beta = adapt_beta(run.beta, config, cur, speedup, updates_now)
+            soft_cur, soft_speedup = soft_measure(router, cost)
+            run.beta = adapt_beta(run.beta, config, soft_cur, soft_speedup, updates_now)
             # The one host read of the loss per iteration (logging); the hot loop never syncs for it.
             mse = out["mse"]
             loss = float((run.lam * mse).sum() / (mse != 0).sum().clamp(min=1))
-            stats = {"iteration": iteration + 1, "loss": loss, "cur": cur, "speedup": speedup, "beta": run.beta,
+            stats = {"iteration": iteration + 1, "loss": loss, "cur": cur, "speedup": speedup, "soft_cur": soft_cur,
+                     "soft_speedup": soft_speedup, "beta": run.beta,
                      "lambda_refreshes": run.lambda_refreshes, "updates": run.updates,
                      "wall_time_s": previous_wall + time.perf_counter() - started}
             bar.update(1)
