@@ -44,9 +44,11 @@ SCHEDULER_CONFIG = dict(
     beta_schedule="linear",
     prediction_type="epsilon",
     variance_type="fixed_small",
-    # Pixel-space model: clipping the predicted x_0 to the data range keeps DDIM/DDPM on the image
-    # manifold (latent DiTs leave this off because latents are unbounded). Training ignores it.
-    clip_sample=True,
+    # No x_0 clipping, as for DiT. Measured here (step-1.9k weights, 100 samples, DDIM 20, guidance 3):
+    # diffusers' DDIM clips x_0 but keeps the unclipped eps for the direction term, and with CFG's
+    # large eps that inconsistency left 4x4 patch artifacts: accuracy 0.32 / FID 40.8 with clipping
+    # against 0.72 / 16.9 without.
+    clip_sample=False,
 )
 
 
