@@ -25,16 +25,17 @@ def pytest_configure(config):
         torch.set_num_threads(int(threads))
 
 
-def _benchmarks_requested(config) -> bool:
-    for arg in config.args:
-        path = Path(str(arg).split("::")[0]).resolve()
-        if path == BENCHMARK_DIR or BENCHMARK_DIR in path.parents:
-            return True
-    return False
+def _requested_paths(config) -> list[Path]:
+    return [Path(str(arg).split("::")[0]).resolve() for arg in config.args]
 
 
 def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and _benchmarks_requested(parent.config):
+    if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
+        return None
+    requested = _requested_paths(parent.config)
+    if file_path.resolve() in requested:
+        return None  # named on the command line: pytest collects it itself
+    if any(path == BENCHMARK_DIR or BENCHMARK_DIR in path.parents for path in requested):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
