@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after training, write the weights into harmonica/testbed/assets/")
     p.add_argument("--export-only", action="store_true", help="skip training, export existing checkpoints")
     g = p.add_argument_group("DiT")
-    g.add_argument("--dit-steps", type=int, default=4000)
+    g.add_argument("--dit-steps", type=int, default=3200)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--lr", type=float, default=5e-4)
     g.add_argument("--warmup", type=int, default=200)
