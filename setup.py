@@ -112,7 +112,8 @@ setup(
     description="Learned feature caching (HarmoniCa) for Diffusion Transformers, with fused C++/CUDA cache ops",
     python_requires=">=3.10",
     packages=find_packages(include=["harmonica", "harmonica.*"]),
-    include_package_data=True,
+    # package_data alone (no include_package_data): the asset folders are not Python packages, and
+    # include_package_data makes setuptools warn about each of them on every build.
     package_data={"harmonica": ["testbed/assets/**/*.safetensors", "testbed/assets/**/*.json", "testbed/assets/**/*.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
