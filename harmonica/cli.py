@@ -20,6 +20,13 @@ class UsageError(Exception):
     """Bad input from the command line: exit code 2, one line, no traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (the usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 # ----------------------------------------------------------------------------------------- helpers
 def _load_plan(path: str):
     """A Router or a Schedule from a .safetensors file, whichever the file holds."""
@@ -84,13 +91,11 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     bed = testbed.load()
     if args.train:
-        from .train import TrainConfig, train_router
+        from .testbed.routers import train
 
         log.info("training a HarmoniCa router on the testbed (%d trajectories)", args.iterations)
-        config = TrainConfig(method="harmonica", num_steps=args.steps, guidance_scale=args.guidance,
-                             iterations=args.iterations, target_speedup=args.target_speedup,
-                             progress=not args.quiet, seed=args.seed)
-        router = train_router(bed.transformer, bed.make_scheduler(args.scheduler), config)
+        router = train("harmonica", sampler=args.scheduler, steps=args.steps, iterations=args.iterations,
+                       target_speedup=args.target_speedup, seed=args.seed, out=out / "router.safetensors")
     else:
         router = _bundled_router("harmonica", args.scheduler, args.steps)
     schedule = router.to_schedule(router.metadata.get("threshold", 0.1))
@@ -157,8 +162,10 @@ def cmd_sample(args) -> int:
     if args.schedule:
         schedule = _schedule_from(args.schedule, args.threshold)
     else:
-        schedule = _bundled_router("harmonica", args.scheduler, args.steps).to_schedule(0.1)
-    schedule.check_compatible(num_steps=args.steps)
+        router = _bundled_router("harmonica", args.scheduler, args.steps or 20)
+        schedule = router.to_schedule(router.metadata.get("threshold", 0.1))
+    schedule.check_compatible(num_steps=args.steps or schedule.num_steps,
+                              num_blocks=len(bed.transformer.transformer_blocks))
     labels = torch_arange_labels(args.num_images, len(bed.class_names))
     _, cached, t_uncached, t_cached = _testbed_runs(bed, schedule, labels, args)
     out = Path(args.out)
@@ -173,7 +180,8 @@ def cmd_sample(args) -> int:
 def cmd_evaluate(args) -> int:
     from .compare import main as compare_main
 
-    return compare_main(args.compare_args)
+    compare_main(args.compare_args)
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -223,40 +231,102 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _load_diffusers_model(spec: str):
+    """(transformer, scheduler config) from a local diffusers pipeline or transformer directory."""
+    import diffusers
+
+    path = Path(spec)
+    if not path.exists():
+        raise UsageError(f"--model {spec!r}: no such directory; this machine has no model hub access, "
+                         f"so give a local diffusers pipeline or transformer folder (or 'testbed')")
+    if (path / "model_index.json").is_file():
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True)
+        transformer = getattr(pipe, "transformer", None)
+        if transformer is None:
+            raise UsageError(f"--model {spec!r}: the pipeline has no transformer (not a DiT-style model)")
+        return transformer.eval().requires_grad_(False), dict(pipe.scheduler.config)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UsageError(f"--model {spec!r}: neither model_index.json nor config.json found")
+    class_name = json.loads(config_file.read_text()).get("_class_name", "")
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise UsageError(f"--model {spec!r}: unknown model class {class_name!r}")
+    transformer = cls.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+    scheduler_dir = path.parent / "scheduler"
+    if not (scheduler_dir / "scheduler_config.json").is_file():
+        raise UsageError(f"--model {spec!r}: put the training noise schedule in {scheduler_dir}/scheduler_config.json")
+    return transformer, json.loads((scheduler_dir / "scheduler_config.json").read_text())
+
+
 def cmd_train(args) -> int:
-    from .train import TrainConfig, train_router
+    if args.model == "testbed":
+        from .testbed.routers import train
 
-    if args.model != "testbed":
-        raise UsageError("train from the command line supports --model testbed; for other diffusers models "
-                         "call harmonica.train_router from Python (see README)")
-    from . import testbed
+        train(args.method, sampler=args.scheduler, steps=args.steps, iterations=args.iterations,
+              batch_size=args.batch_size, target_speedup=args.target_speedup, seed=args.seed, out=args.out,
+              checkpoint_dir=args.checkpoint_dir, resume=args.resume, log_file=args.log_file)
+        print(f"wrote {args.out}")
+        return 0
 
-    bed = testbed.load()
-    config = TrainConfig(method=args.method, num_steps=args.steps, guidance_scale=args.guidance,
-                         iterations=args.iterations, target_speedup=args.target_speedup, seed=args.seed,
-                         checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress=not args.quiet)
-    router = train_router(bed.transformer, bed.make_scheduler(args.scheduler), config)
+    from safetensors.torch import load_file
+
+    from .sampling import make_scheduler
+    from .train import ClassConditioning, PromptConditioning, TrainConfig, train_router
+
+    transformer, scheduler_config = _load_diffusers_model(args.model)
+    if args.method == "l2c":
+        raise UsageError("--method l2c needs real training latents; from the command line it runs on the "
+                         "testbed only (from Python pass TrainConfig(l2c_latents=...))")
+    if args.prompt_embeds:
+        tensors = load_file(args.prompt_embeds)
+        if "embeds" not in tensors:
+            raise UsageError(f"--prompt-embeds {args.prompt_embeds}: expected tensors 'embeds' (N, S, D) and "
+                             f"optionally 'mask', 'negative_embeds', 'negative_mask'")
+        conditioning = PromptConditioning(**{k: tensors.get(k) for k in
+                                             ("embeds", "mask", "negative_embeds", "negative_mask")})
+    elif getattr(transformer.config, "num_embeds_ada_norm", None) and "DiT" in type(transformer).__name__:
+        classes = transformer.config.num_embeds_ada_norm
+        conditioning = ClassConditioning(num_classes=classes, null_class=classes)
+    else:
+        raise UsageError(f"{type(transformer).__name__} is text-conditioned: pass --prompt-embeds FILE with "
+                         f"text-encoder outputs (safetensors: embeds, mask, negative_embeds, negative_mask)")
+    config = TrainConfig(method=args.method, num_steps=args.steps, conditioning=conditioning,
+                         guidance_scale=args.guidance, batch_size=args.batch_size, iterations=args.iterations,
+                         target_speedup=args.target_speedup, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
+                         checkpoint_every=5 if args.checkpoint_dir else 0, resume=args.resume,
+                         log_file=args.log_file, progress=not args.quiet)
+    router = train_router(transformer, make_scheduler(args.scheduler, scheduler_config), config)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     router.save(args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}: CUR {router.metadata.get('achieved_cur', float('nan')):.1%}, theoretical "
+          f"speedup {router.metadata.get('theoretical_speedup', float('nan')):.2f}x")
     return 0
 
 
 # ----------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .sampling import SCHEDULERS
+    from .testbed import DEFAULT_GUIDANCE
 
-    parser = argparse.ArgumentParser(prog="harmonica", description=__doc__.splitlines()[0])
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="harmonica", description="Learned feature caching for Diffusion Transformers.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, **kwargs):
+        return subparsers.add_parser(name, parents=[common], **kwargs)
 
     def common_sampling(p, steps=20):
         p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS, help="diffusers sampler (default ddim)")
-        p.add_argument("--steps", type=int, default=steps, help="model evaluations per image (default %(default)s)")
-        p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
+        p.add_argument("--steps", type=int, default=steps,
+                       help="model evaluations per image (default: %s)" % (steps or "the schedule's"))
+        p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                       help="classifier-free guidance scale (default: the testbed's, %(default)s)")
         p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("demo", help="cached vs uncached sampling of the bundled testbed DiT, with plots")
+    p = command("demo", help="cached vs uncached sampling of the bundled testbed DiT, with plots")
     common_sampling(p)
     p.add_argument("--num-images", type=int, default=200, help="images per run (default %(default)s)")
     p.add_argument("--out", default="outputs/demo", help="folder for samples.png, schedule.png, summary.json")
@@ -265,19 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-speedup", type=float, default=None, help="target theoretical speedup with --train")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train a router (HarmoniCa or L2C)")
+    p = command("train", help="train a router (HarmoniCa or L2C); multi-process under torchrun")
     common_sampling(p)
-    p.add_argument("--model", default="testbed", help="model to train for (default: the bundled testbed)")
+    p.add_argument("--model", default="testbed",
+                   help="'testbed' (default) or a local diffusers pipeline / transformer folder")
+    p.add_argument("--prompt-embeds", default=None,
+                   help="PixArt: safetensors with text-encoder outputs (embeds, mask, negative_embeds, negative_mask)")
     p.add_argument("--method", default="harmonica", choices=("harmonica", "l2c"))
-    p.add_argument("--iterations", type=int, default=200)
-    p.add_argument("--target-speedup", type=float, default=None)
+    p.add_argument("--iterations", type=int, default=80, help="HarmoniCa: trajectories; L2C: updates")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per process per iteration")
+    p.add_argument("--target-speedup", type=float, default=None, help="theoretical speedup to aim at")
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--log-file", default=None)
     p.add_argument("--out", required=True, help="router file to write (.safetensors)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="sample the testbed with a router/schedule applied; prints timing")
-    common_sampling(p)
+    p = command("sample", help="sample the testbed with a router/schedule applied; prints timing")
+    common_sampling(p, steps=None)
     p.add_argument("--model", default="testbed")
     p.add_argument("--schedule", help="router or schedule .safetensors (default: the bundled HarmoniCa router)")
     p.add_argument("--threshold", type=float, default=None, help="router threshold (default: its own)")
@@ -285,19 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/sample")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("evaluate", help="comparison table (FID, accuracy, PSNR, CUR, speedups)",
-                       add_help=False)
-    p.add_argument("compare_args", nargs=argparse.REMAINDER, help="arguments of python -m harmonica.compare")
-    p.set_defaults(func=cmd_evaluate)
+    # Listed for --help only: main() hands everything after `evaluate` to harmonica.compare unparsed.
+    subparsers.add_parser("evaluate", help="comparison table (FID, accuracy, PSNR, CUR, speedups); "
+                          "options: harmonica evaluate --help")
 
-    p = sub.add_parser("plot", help="heatmap PNG of a router or schedule")
+    p = command("plot", help="heatmap PNG of a router or schedule")
     p.add_argument("schedule", help="router or schedule .safetensors")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--title", default=None)
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("bench", help="end-to-end sampling latency with and without the cache")
+    p = command("bench", help="end-to-end sampling latency with and without the cache")
     p.add_argument("--shape", default="dit-xl", choices=("dit-xl", "dit-b", "testbed"))
     p.add_argument("--schedule", help="router or schedule file (default: FORA interval 2)")
     p.add_argument("--threshold", type=float, default=None)
@@ -309,8 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["evaluate"]:
+        rest = [a for a in argv[1:] if a != "--debug"]
+        args = argparse.Namespace(func=cmd_evaluate, compare_args=rest, quiet=False, debug="--debug" in argv)
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="harmonica: %(message)s")
     try:
         return args.func(args)
