@@ -59,27 +59,23 @@ def _bundled_router(method: str, sampler: str, steps: int):
     return load_router(method, sampler, steps)
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 def _testbed_runs(bed, schedule, labels, args):
-    """Uncached and cached samples of the testbed from the same noise, with their wall times."""
+    """Uncached and cached samples of the testbed from the same noise, with their best wall times."""
     from . import testbed
-    from .apply import disable_cache, enable_cache
+    from .timing import best_times, cached
 
     kwargs = dict(seed=args.seed, num_inference_steps=schedule.num_steps, guidance_scale=args.guidance,
                   sampler=args.scheduler, progress=not args.quiet)
-    testbed.generate(bed, labels[:2], **kwargs)  # warm-up: allocator and thread pool, not timed
-    uncached, t_uncached = _timed(lambda: testbed.generate(bed, labels, **kwargs))
-    enable_cache(bed.transformer, schedule)
-    try:
-        cached, t_cached = _timed(lambda: testbed.generate(bed, labels, **kwargs))
-    finally:
-        disable_cache(bed.transformer)
-    return uncached, cached, t_uncached, t_cached
+    images = {}
+
+    def run(name, plan):
+        with cached(bed.transformer, plan):
+            images[name] = testbed.generate(bed, labels, **kwargs)
+
+    testbed.generate(bed, labels[:2], **kwargs)  # warm-up (allocator, thread pool) on a tiny batch
+    times = best_times({"uncached": lambda: run("uncached", None), "cached": lambda: run("cached", schedule)},
+                       repeats=args.rounds, warmup=False)
+    return images["uncached"], images["cached"], times["uncached"], times["cached"]
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -188,11 +184,14 @@ def cmd_bench(args) -> int:
     import torch
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-    from .apply import disable_cache, enable_cache, model_cost
+    from .apply import model_cost
     from .sampling import sample
     from .schedule import Schedule
+    from .timing import best_times, cached
 
-    shapes = {"dit-xl": (28, 16, 72, 32), "dit-b": (12, 12, 64, 32), "testbed": None}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = {"dit-xl": (28, 16, 72, 32), "dit-b": (12, 12, 64, 32)}  # (blocks, heads, head dim, latent size)
     if args.shape == "testbed":
         from . import testbed
 
@@ -211,19 +210,13 @@ def cmd_bench(args) -> int:
     labels = torch.zeros(args.batch, dtype=torch.long)
     null = model.transformer_blocks[0].norm1.emb.class_embedder.num_classes
 
-    def run():
-        return sample(model, DDIMScheduler(), latents, num_inference_steps=args.steps,
-                      cond={"class_labels": labels}, uncond={"class_labels": torch.full_like(labels, null)},
-                      guidance_scale=1.5, progress=False)
+    def run(plan):
+        with cached(model, plan):
+            sample(model, DDIMScheduler(), latents, num_inference_steps=args.steps, cond={"class_labels": labels},
+                   uncond={"class_labels": torch.full_like(labels, null)}, guidance_scale=1.5, progress=False)
 
-    run()
-    t_uncached = min(_timed(run)[1] for _ in range(args.rounds))
-    enable_cache(model, schedule)
-    try:
-        run()
-        t_cached = min(_timed(run)[1] for _ in range(args.rounds))
-    finally:
-        disable_cache(model)
+    times = best_times({"uncached": lambda: run(None), "cached": lambda: run(schedule)}, repeats=args.rounds)
+    t_uncached, t_cached = times["uncached"], times["cached"]
     theoretical = schedule.theoretical_speedup(model_cost(model, batch=2 * args.batch))
     print(f"{args.shape}: {blocks} blocks, batch {args.batch} (x2 CFG), {args.steps} steps, CUR "
           f"{schedule.cache_usage:.1%}: uncached {t_uncached:.3f} s, cached {t_cached:.3f} s -> "
@@ -329,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", help="cached vs uncached sampling of the bundled testbed DiT, with plots")
     common_sampling(p)
     p.add_argument("--num-images", type=int, default=200, help="images per run (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=1, help="timing rounds, best kept (default %(default)s)")
     p.add_argument("--out", default="outputs/demo", help="folder for samples.png, schedule.png, summary.json")
     p.add_argument("--train", action="store_true", help="train the router instead of loading the bundled one")
     p.add_argument("--iterations", type=int, default=40, help="training trajectories with --train")
@@ -357,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", help="router or schedule .safetensors (default: the bundled HarmoniCa router)")
     p.add_argument("--threshold", type=float, default=None, help="router threshold (default: its own)")
     p.add_argument("--num-images", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=1, help="timing rounds, best kept (default %(default)s)")
     p.add_argument("--out", default="outputs/sample")
     p.set_defaults(func=cmd_sample)
 
@@ -377,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=1, help="images per batch (the transformer sees 2x with CFG)")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds, best kept")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=cmd_bench)
     return parser
 
