@@ -28,8 +28,9 @@ DIT_DIR = ASSETS_DIR / "dit"
 
 DEFAULT_STEPS = 20
 DEFAULT_SAMPLER = "ddim"
-# Chosen on the guidance sweep in MODEL_CARD.md (best FID-FMNIST with accuracy well above 80%).
-DEFAULT_GUIDANCE = 2.0
+# The guidance sweep in assets/MODEL_CARD.md (500 samples, DDIM 20): FID-FMNIST is lowest at 3
+# (4.46, against 6.22 at 2 and 4.67 at 4), with accuracy 0.89; higher scales buy accuracy with FID.
+DEFAULT_GUIDANCE = 3.0
 NULL_CLASS = NUM_CLASSES
 
 
