@@ -90,8 +90,11 @@ def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_S
                          checkpoint_dir=checkpoint_dir, checkpoint_every=5 if checkpoint_dir else 0,
                          resume=resume, log_file=log_file, **extra)
     router = train_router(bed.transformer, bed.make_scheduler(sampler), config)
-    if dit_dir is not None:
-        router.metadata["dit_dir"] = str(dit_dir)
+    # Which DiT weights the router was trained for (a router is only valid for those).
+    from . import DIT_DIR
+
+    info = Path(dit_dir or DIT_DIR) / "training.json"
+    router.metadata["dit_training_step"] = json.loads(info.read_text())["step"] if info.exists() else None
     path = Path(out) if out is not None else router_path(method, sampler, steps)
     path.parent.mkdir(parents=True, exist_ok=True)
     router.save(path)
