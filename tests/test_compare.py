@@ -96,3 +96,17 @@ def test_router_for_other_step_count_is_rejected(setup):
     with pytest.raises(ValueError, match="router 'x' has 5 steps but the table samples 4"):
         compare(bed, routers={"x": hc.Router.init(5, BLOCKS)}, num_samples=4, steps=STEPS,
                 classifier=classifier, reference=reference)
+
+
+def test_bundled_routers_load_and_fit_the_testbed_dit():
+    from harmonica.testbed.routers import available, load_router
+
+    assert {("harmonica", "ddim", 20), ("l2c", "ddim", 20)} <= set(available())
+    for method in ("harmonica", "l2c"):
+        router = load_router(method, "ddim", 20)
+        assert router.metadata["method"] == method and router.metadata["sampler"] == "ddim"
+        schedule = router.to_schedule(router.metadata["threshold"])
+        assert schedule.cache_usage == router.metadata["achieved_cur"]
+        schedule.check_compatible(num_blocks=8, model_class="DiTTransformer2DModel", block_width=128, num_steps=20)
+    with pytest.raises(FileNotFoundError, match=r"no bundled router for method='harmonica', sampler='ddim', steps=7"):
+        load_router("harmonica", "ddim", 7)
