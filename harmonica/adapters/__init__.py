@@ -75,3 +75,12 @@ def attention_flops(attn: nn.Module, query_tokens: int, key_tokens: int) -> floa
 def patch_embed_flops(transformer: nn.Module, tokens: int) -> float:
     conv = transformer.pos_embed.proj
     return 2.0 * tokens * conv.in_channels * conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+
+
+def branch_flops(block: nn.Module, tokens: int) -> tuple[float, float]:
+    """Per-sample FLOPs of a block's attn and mlp branches, as a skip saves them.
+
+    Each includes its layer norm and modulation (~8 FLOPs per element) besides the matmuls.
+    """
+    elementwise = 8.0 * tokens * block.attn1.to_q.in_features
+    return attention_flops(block.attn1, tokens, tokens) + elementwise, linear_flops(block.ff, tokens) + elementwise

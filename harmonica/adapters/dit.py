@@ -53,16 +53,14 @@ def block_forward(
 
 
 def model_cost(transformer: nn.Module, batch: int, height: int, width: int, text_tokens: int = 0) -> ModelCost:
-    from . import attention_flops, linear_flops, patch_embed_flops
+    from . import branch_flops, linear_flops, patch_embed_flops
 
     patch = transformer.config.patch_size
     tokens = (height // patch) * (width // patch)
     block = transformer.transformer_blocks[0]
     dim = block.norm3.normalized_shape[0]
     num_blocks = len(transformer.transformer_blocks)
-    # Layer norm + modulation: ~8 FLOPs per element, part of the branch a skip avoids.
-    attn = attention_flops(block.attn1, tokens, tokens) + 8.0 * tokens * dim
-    mlp = linear_flops(block.ff, tokens) + 8.0 * tokens * dim
+    attn, mlp = branch_flops(block, tokens)
     per_block_fixed = linear_flops(block.norm1, 1) + 2 * 2.0 * tokens * dim  # modulation + 2 gated adds
     fixed = (
         num_blocks * per_block_fixed

@@ -60,15 +60,14 @@ def block_forward(
 
 
 def model_cost(transformer: nn.Module, batch: int, height: int, width: int, text_tokens: int = 120) -> ModelCost:
-    from . import attention_flops, linear_flops, patch_embed_flops
+    from . import attention_flops, branch_flops, linear_flops, patch_embed_flops
 
     patch = transformer.config.patch_size
     tokens = (height // patch) * (width // patch)
     block = transformer.transformer_blocks[0]
     dim = block.norm1.normalized_shape[0]
     num_blocks = len(transformer.transformer_blocks)
-    attn = attention_flops(block.attn1, tokens, tokens) + 8.0 * tokens * dim
-    mlp = linear_flops(block.ff, tokens) + 8.0 * tokens * dim
+    attn, mlp = branch_flops(block, tokens)
     cross = attention_flops(block.attn2, tokens, text_tokens) if block.attn2 is not None else 0.0
     per_block_fixed = cross + 3 * 2.0 * tokens * dim  # cross-attention and the three residual adds
     fixed = (
