@@ -10,11 +10,16 @@
 from . import ops, sampling
 from .apply import disable_cache, enable_cache, get_cache_state, model_cost, set_sample_steps
 from .schedule import BRANCHES, ModelCost, Router, Schedule
+from .train import ClassConditioning, PromptConditioning, TrainConfig, train_router
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BRANCHES",
+    "ClassConditioning",
+    "PromptConditioning",
+    "TrainConfig",
+    "train_router",
     "ModelCost",
     "Router",
     "Schedule",
