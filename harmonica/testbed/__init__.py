@@ -20,7 +20,7 @@ from .data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 
 __all__ = [
     "ASSETS_DIR", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "DEFAULT_SAMPLER", "CLASS_NAMES", "NUM_CLASSES",
-    "NULL_CLASS", "Testbed", "load", "generate",
+    "NULL_CLASS", "Testbed", "load", "generate", "load_router",
 ]
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -123,3 +123,7 @@ def generate(
                     guidance_scale=guidance_scale, generator=gen, progress=progress)
         out.append(x0.float().cpu().clamp(-1, 1))
     return torch.cat(out)
+
+
+# Bundled routers (HarmoniCa, L2C) for this model; imported last, as routers.py builds on the names above.
+from .routers import load_router  # noqa: E402
