@@ -233,7 +233,7 @@ def _load_diffusers_model(spec: str):
         raise UsageError(f"--model {spec!r}: no such directory; this machine has no model hub access, "
                          f"so give a local diffusers pipeline or transformer folder (or 'testbed')")
     if (path / "model_index.json").is_file():
-        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
         transformer = getattr(pipe, "transformer", None)
         if transformer is None:
             raise UsageError(f"--model {spec!r}: the pipeline has no transformer (not a DiT-style model)")
@@ -245,7 +245,7 @@ def _load_diffusers_model(spec: str):
     cls = getattr(diffusers, class_name, None)
     if cls is None:
         raise UsageError(f"--model {spec!r}: unknown model class {class_name!r}")
-    transformer = cls.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+    transformer = cls.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False).eval().requires_grad_(False)
     scheduler_dir = path.parent / "scheduler"
     if not (scheduler_dir / "scheduler_config.json").is_file():
         raise UsageError(f"--model {spec!r}: put the training noise schedule in {scheduler_dir}/scheduler_config.json")

@@ -62,17 +62,23 @@ class Testbed:
         return torch.randn(shape, generator=generator).to(device=self.device, dtype=self.dtype)
 
 
-def load(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Testbed:
-    """The bundled testbed DiT (weights stored fp16, cast to ``dtype``) with its scheduler config."""
+def load(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, dit_dir=None) -> Testbed:
+    """The bundled testbed DiT (weights stored fp16, cast to ``dtype``) with its scheduler config.
+
+    ``dit_dir``: another exported testbed DiT directory (e.g. a checkpoint of a training run exported
+    with ``harmonica.testbed.train``) instead of the bundled one.
+    """
     from diffusers import DiTTransformer2DModel
 
-    weights = DIT_DIR / "diffusion_pytorch_model.safetensors"
+    directory = Path(dit_dir) if dit_dir is not None else DIT_DIR
+    weights = directory / "diffusion_pytorch_model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{weights} is missing; train and export it with "
                                 f"`python -m harmonica.testbed.train --what dit --export`")
-    transformer = DiTTransformer2DModel.from_pretrained(DIT_DIR, torch_dtype=dtype)
+    # low_cpu_mem_usage=False: the default wants `accelerate` and prints a warning without it (6 MB model).
+    transformer = DiTTransformer2DModel.from_pretrained(directory, torch_dtype=dtype, low_cpu_mem_usage=False)
     transformer.to(device).eval().requires_grad_(False)
-    config = json.loads((DIT_DIR / "scheduler" / "scheduler_config.json").read_text())
+    config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
     embedder = transformer.transformer_blocks[0].norm1.emb.class_embedder
     # The null row exists only if the label table has one row beyond the classes; check rather than
     # trust the constant, since CFG with a missing row would index out of the table.

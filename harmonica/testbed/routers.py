@@ -58,16 +58,7 @@ def load_testbed(dit_dir: Optional[str] = None) -> Testbed:
     a training run exported with harmonica.testbed.train.export_dit)."""
     from . import load
 
-    if dit_dir is None:
-        return load()
-    from diffusers import DiTTransformer2DModel
-    from .data import CLASS_NAMES
-
-    transformer = DiTTransformer2DModel.from_pretrained(dit_dir, torch_dtype=torch.float32).eval().requires_grad_(False)
-    config = json.loads((Path(dit_dir) / "scheduler" / "scheduler_config.json").read_text())
-    return Testbed(transformer=transformer, scheduler_config=config, class_names=CLASS_NAMES,
-                   null_class=transformer.config.num_embeds_ada_norm, image_size=transformer.config.sample_size,
-                   in_channels=transformer.config.in_channels)
+    return load(dit_dir=dit_dir)
 
 
 def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, iterations: int,
