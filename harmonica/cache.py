@@ -251,6 +251,17 @@ class CacheState:
         return slot
 
     # ------------------------------------------------------------------ the one branch runner
+    def computes(self, block: int) -> tuple[bool, bool]:
+        """Whether the (attn, mlp) branch of ``block`` computes in this call, for any sample.
+
+        Adapters use it to skip modulation work that only a computed branch needs.
+        """
+        if self.bypass or self.weights is not None:
+            return True, True
+        if self.sample_steps is not None:
+            return tuple(any(self._compute[s][block][b] for s in self.sample_steps) for b in (0, 1))
+        return tuple(action in (COMPUTE, STORE) for action in self._plan[self.step][block])
+
     def run_branch(
         self, block: int, branch: int, x: torch.Tensor, gate: torch.Tensor, branch_fn: BranchFn
     ) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..schedule import ModelCost
@@ -35,9 +36,18 @@ def block_forward(
     from . import rows
 
     norm1 = block.norm1
-    # The adaLN modulation is per sample (no tokens): always computed, so the gate follows the step.
-    emb = norm1.linear(norm1.silu(norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)))
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+    # The adaLN modulation is per sample (no tokens) and always runs, so the gates follow the step.
+    cond = norm1.silu(norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype))
+    attn_on, mlp_on = state.computes(index)
+    if attn_on and mlp_on:
+        chunks = norm1.linear(cond).chunk(6, dim=1)
+    else:
+        # A reused branch needs only its gate. The modulation linear (D x 6D weights) is memory-bound at
+        # small batch, so reading just the needed row blocks of it is what makes a cached step cheap.
+        weight, bias = norm1.linear.weight.chunk(6), norm1.linear.bias.chunk(6)
+        needed = (attn_on, attn_on, True, mlp_on, mlp_on, True)
+        chunks = [F.linear(cond, w, b) if need else None for w, b, need in zip(weight, bias, needed)]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks
     attn_kwargs = cross_attention_kwargs or {}
 
     def attn(x: torch.Tensor, index_rows: torch.Tensor | None) -> torch.Tensor:
