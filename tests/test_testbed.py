@@ -133,7 +133,9 @@ def test_bundled_model_samples_its_classes(bed):
     images = tb.generate(bed, labels, seed=0)
     assert images.shape == (40, 1, 28, 28) and torch.isfinite(images).all()
     assert images.min() >= -1 and images.max() <= 1
-    assert ev.classifier_accuracy(images, labels) >= 0.7
+    # Deterministic (fixed weights, noise and sampler): 0.85 when bundled; 0.75 leaves room for
+    # platform round-off flipping a sample or two, not for a broken model or sampler.
+    assert ev.classifier_accuracy(images, labels) >= 0.75
     again = tb.generate(bed, labels[:10], seed=0)
     torch.testing.assert_close(again, images[:10], rtol=0, atol=1e-5)
 
