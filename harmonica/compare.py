@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from .apply import disable_cache, enable_cache, model_cost
+from .apply import model_cost
 from .schedule import Router, Schedule
+from .timing import best_times, cached
 
 __all__ = ["Row", "ComparisonTable", "compare", "main"]
 
@@ -81,14 +82,9 @@ def _router_schedule(router: Router) -> Schedule:
 def _generate(bed, labels, row: Row, *, seed: int, guidance: float, sampler: str, batch_size: int):
     from .testbed import generate
 
-    if row.schedule is not None:
-        enable_cache(bed.transformer, row.schedule)
-    try:
+    with cached(bed.transformer, row.schedule):
         return generate(bed, labels, seed=seed, num_inference_steps=row.steps, guidance_scale=guidance,
                         sampler=sampler, batch_size=batch_size)
-    finally:
-        if row.schedule is not None:
-            disable_cache(bed.transformer)
 
 
 def compare(
@@ -169,12 +165,10 @@ def compare(
 
     timing_labels = labels[:timing_samples]
     timing_kw = dict(kw, batch_size=timing_samples)
-    for _ in range(timing_repeats):
-        for row in rows:
-            start = time.perf_counter()
-            _generate(bed, timing_labels, row, **timing_kw)
-            row.seconds = min(row.seconds, time.perf_counter() - start)
+    seconds = best_times({row.method: functools.partial(_generate, bed, timing_labels, row, **timing_kw)
+                          for row in rows}, repeats=timing_repeats, warmup=False)
     for row in rows:
+        row.seconds = seconds[row.method]
         row.measured_speedup = rows[0].seconds / row.seconds
 
     settings = {"num_samples": num_samples, "steps": steps, "sampler": sampler, "guidance_scale": guidance,
