@@ -56,6 +56,13 @@ def _extension_modules():
     # of a directory that is also given with -isystem.
     torch_system_includes = [flag for path in include_paths() for flag in ("-isystem", path)]
     cxx_flags = ["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", *torch_system_includes]
+    link_flags = []
+    if torch._C.has_openmp:
+        # at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel`
+        # compiled into this extension; without -fopenmp the pragma is dropped and every CPU kernel
+        # runs on one thread. The libgomp linked here is the one torch has already loaded (same soname).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     cpu_isa = "generic"
     if platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("HARMONICA_CPU_AVX2", "1") != "0":
         # at::vec::Vectorized only uses SIMD registers when CPU_CAPABILITY_AVX2 is defined and the
@@ -92,13 +99,16 @@ def _extension_modules():
             "harmonica._C",
             sources + ["csrc/cuda/cache_ops.cu"],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
         print(
             f"harmonica: building harmonica._C with CPU ({cpu_isa}) + CUDA kernels for {archs} "
             f"(CUDA_HOME={cuda_home})"
         )
     else:
-        extension = CppExtension("harmonica._C", sources, extra_compile_args={"cxx": cxx_flags})
+        extension = CppExtension(
+            "harmonica._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
         print(f"harmonica: building harmonica._C with CPU ({cpu_isa}) kernels only ({reason})")
 
     return [extension], {"build_ext": BuildExtension}

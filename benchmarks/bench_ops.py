@@ -4,6 +4,10 @@ bandwidth yardstick, on DiT-XL/2 (N=256 tokens, D=1152) and PixArt-alpha 1024px 
 Run: `pytest benchmarks/ --benchmark-only` (see benchmarks/README.md). GB/s counts the bytes the
 fused op must move at minimum (every input read once, every output written once); the eager
 composition is charged the same bytes, so its GB/s is an effective rate.
+
+Each timed round of one implementation is preceded by an untimed call of the other (pytest-benchmark's
+`setup`), so fused and eager are measured in the same alternating sequence: the same cache contents,
+allocator state and interference from other processes, as in an interleaved A/B test.
 """
 
 from __future__ import annotations
@@ -23,20 +27,9 @@ SHAPES = {
 }
 CASES = [(name, torch.float32) for name in SHAPES] + [("DiT-XL/2 B=16", torch.bfloat16)]
 CASE_IDS = [f"{name.replace(' ', '_').replace('/', '').replace('=', '')}-{str(dtype)[6:]}" for name, dtype in CASES]
-# Big tensors take tens of ms per call; a fixed number of rounds keeps the suite to a few minutes
-# on 2 shared cores while the median stays stable.
-ROUNDS = 15
-
-
-def case_name(name, dtype):
-    return f"{name}-{str(dtype).removeprefix('torch.')}"
-
-
-def run(benchmark, group, impl, bytes_moved, fn):
-    benchmark.group = group
-    benchmark.name = impl
-    benchmark.extra_info.update(impl=impl, bytes=bytes_moved)
-    benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=2)
+# Big tensors take several ms per call; a fixed number of rounds keeps the suite to about a minute
+# while the median stays stable.
+ROUNDS = 25
 
 
 def tensors(shape, dtype, count, seed=0):
@@ -49,93 +42,67 @@ def gate_for(shape, dtype):
     return torch.randn(B, D).to(dtype).to(DEVICE)
 
 
-@pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
-def test_copy(benchmark, name, dtype):
-    shape = SHAPES[name]
-    src, dst = tensors(shape, dtype, 2)
-    run(benchmark, f"copy/{case_name(name, dtype)}", "copy", 2 * src.nbytes, lambda: dst.copy_(src))
+# Each builder returns ({"fused": fn, "eager": fn}, bytes the fused op moves at minimum).
 
 
-IMPLS = ["fused", "eager"]
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
-def test_cache_write(benchmark, name, dtype, impl):
-    shape = SHAPES[name]
+def cache_write(shape, dtype):
     x, branch, cache = tensors(shape, dtype, 3)
     gate = gate_for(shape, dtype)
-    if impl == "fused":
-        fn = lambda: ops.cache_write(x, gate, branch, cache)  # noqa: E731
-    else:
-        def fn():
-            out = x + gate.unsqueeze(1) * branch
-            cache.copy_(branch)
-            return out
+
+    def eager():
+        out = x + gate.unsqueeze(1) * branch
+        cache.copy_(branch)
+        return out
+
     # reads x, branch; writes out, cache
-    run(benchmark, f"cache_write/{case_name(name, dtype)}", impl, 4 * x.nbytes, fn)
+    return {"fused": lambda: ops.cache_write(x, gate, branch, cache), "eager": eager}, 4 * x.nbytes
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
-def test_cache_write_inplace(benchmark, name, dtype, impl):
-    shape = SHAPES[name]
+def cache_write_(shape, dtype):
     x, branch, cache = tensors(shape, dtype, 3)
     gate = gate_for(shape, dtype)
-    if impl == "fused":
-        fn = lambda: ops.cache_write_(x, gate, branch, cache)  # noqa: E731
-    else:
-        def fn():
-            x.add_(gate.unsqueeze(1) * branch)
-            cache.copy_(branch)
-    run(benchmark, f"cache_write_/{case_name(name, dtype)}", impl, 4 * x.nbytes, fn)
+
+    def eager():
+        x.add_(gate.unsqueeze(1) * branch)
+        cache.copy_(branch)
+
+    return {"fused": lambda: ops.cache_write_(x, gate, branch, cache), "eager": eager}, 4 * x.nbytes
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
-def test_cache_read(benchmark, name, dtype, impl):
-    shape = SHAPES[name]
+def cache_read(shape, dtype):
     x, cache = tensors(shape, dtype, 2)
     gate = gate_for(shape, dtype)
-    if impl == "fused":
-        fn = lambda: ops.cache_read(x, gate, cache)  # noqa: E731
-    else:
-        fn = lambda: x + gate.unsqueeze(1) * cache  # noqa: E731
-    run(benchmark, f"cache_read/{case_name(name, dtype)}", impl, 3 * x.nbytes, fn)
+    return {
+        "fused": lambda: ops.cache_read(x, gate, cache),
+        "eager": lambda: x + gate.unsqueeze(1) * cache,
+    }, 3 * x.nbytes
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
-def test_cache_read_inplace(benchmark, name, dtype, impl):
-    shape = SHAPES[name]
+def cache_read_(shape, dtype):
     x, cache = tensors(shape, dtype, 2)
     gate = gate_for(shape, dtype)
-    if impl == "fused":
-        fn = lambda: ops.cache_read_(x, gate, cache)  # noqa: E731
-    else:
-        fn = lambda: x.add_(gate.unsqueeze(1) * cache)  # noqa: E731
-    run(benchmark, f"cache_read_/{case_name(name, dtype)}", impl, 3 * x.nbytes, fn)
+    return {
+        "fused": lambda: ops.cache_read_(x, gate, cache),
+        "eager": lambda: x.add_(gate.unsqueeze(1) * cache),
+    }, 3 * x.nbytes
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
-def test_blend_forward(benchmark, name, dtype, impl):
-    shape = SHAPES[name]
+def blend_eager(x, gate, fresh, cache, w):
+    w_b = w.to(x.dtype).view(-1, 1, 1)
+    return x + gate.unsqueeze(1) * (w_b * fresh + (1 - w_b) * cache)
+
+
+def blend(shape, dtype):
     x, fresh, cache = tensors(shape, dtype, 3)
     gate = gate_for(shape, dtype)
     w = torch.rand(shape[0], device=DEVICE)
-    if impl == "fused":
-        fn = lambda: ops.blend(x, gate, fresh, cache, w)  # noqa: E731
-    else:
-        w_b = w.to(dtype).view(-1, 1, 1)
-        fn = lambda: x + gate.unsqueeze(1) * (w_b * fresh + (1 - w_b) * cache)  # noqa: E731
-    run(benchmark, f"blend/{case_name(name, dtype)}", impl, 4 * x.nbytes, fn)
+    return {
+        "fused": lambda: ops.blend(x, gate, fresh, cache, w),
+        "eager": lambda: blend_eager(x, gate, fresh, cache, w),
+    }, 4 * x.nbytes
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
-def test_blend_forward_backward(benchmark, name, dtype, impl):
-    shape = SHAPES[name]
+def blend_forward_backward(shape, dtype):
     x, fresh, cache, grad_out = tensors(shape, dtype, 4)
     x.requires_grad_()
     fresh.requires_grad_()
@@ -143,52 +110,81 @@ def test_blend_forward_backward(benchmark, name, dtype, impl):
     w = torch.rand(shape[0], device=DEVICE).requires_grad_()
     leaves = (x, fresh, gate, w)
 
-    def forward():
-        if impl == "fused":
-            return ops.blend(x, gate, fresh, cache, w)
-        w_b = w.to(dtype).view(-1, 1, 1)
-        return x + gate.unsqueeze(1) * (w_b * fresh + (1 - w_b) * cache)
-
-    def fn():
+    def step(forward):
         # Fresh .grad every call: accumulating into old gradients would add a pass to both sides.
         for leaf in leaves:
             leaf.grad = None
-        forward().backward(grad_out)
+        forward(x, gate, fresh, cache, w).backward(grad_out)
+
     # forward: read x, fresh, cache, write out; backward: read grad_out, fresh, cache, write
     # grad_fresh (grad_x is grad_out itself, gate/w grads are tiny reductions)
-    run(benchmark, f"blend fwd+bwd/{case_name(name, dtype)}", impl, 8 * x.nbytes, fn)
+    return {"fused": lambda: step(ops.blend), "eager": lambda: step(blend_eager)}, 8 * x.nbytes
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
-def test_gather_rows(benchmark, name, dtype, impl):
-    shape = SHAPES[name]
+def gather_rows(shape, dtype):
     (x,) = tensors(shape, dtype, 1)
     index = torch.arange(0, shape[0], 2, device=DEVICE)
-    if impl == "fused":
-        fn = lambda: ops.gather_rows(x, index)  # noqa: E731
-    else:
-        fn = lambda: x[index]  # noqa: E731
-    run(benchmark, f"gather_rows/{case_name(name, dtype)}", impl, 2 * x[index].nbytes, fn)
+    return {"fused": lambda: ops.gather_rows(x, index), "eager": lambda: x[index]}, 2 * x[index].nbytes
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
-def test_gated_merge(benchmark, name, dtype, impl):
-    shape = SHAPES[name]
+def gated_merge(shape, dtype):
     B, N, D = shape
     x, cache = tensors(shape, dtype, 2)
     gate = gate_for(shape, dtype)
     index = torch.arange(0, B, 2, device=DEVICE)  # half of the samples compute
     (branch_active,) = tensors((index.numel(), N, D), dtype, 1, seed=1)
-    if impl == "fused":
-        fn = lambda: ops.gated_merge(x, gate, branch_active, index, cache)  # noqa: E731
-    else:
-        def fn():
-            out = x + gate.unsqueeze(1) * cache
-            out[index] = x[index] + gate[index].unsqueeze(1) * branch_active
-            cache[index] = branch_active
-            return out
+
+    def eager():
+        out = x + gate.unsqueeze(1) * cache
+        out[index] = x[index] + gate[index].unsqueeze(1) * branch_active
+        cache[index] = branch_active
+        return out
+
     # reads x, the cache rows not computed, branch_active; writes out and the refreshed cache rows
     bytes_moved = 2 * x.nbytes + 2 * branch_active.nbytes + (x.nbytes - branch_active.nbytes)
-    run(benchmark, f"gated_merge/{case_name(name, dtype)}", impl, bytes_moved, fn)
+    return {"fused": lambda: ops.gated_merge(x, gate, branch_active, index, cache), "eager": eager}, bytes_moved
+
+
+OPS = {
+    "cache_write": cache_write,
+    "cache_write_": cache_write_,
+    "cache_read": cache_read,
+    "cache_read_": cache_read_,
+    "blend": blend,
+    "blend fwd+bwd": blend_forward_backward,
+    "gather_rows": gather_rows,
+    "gated_merge": gated_merge,
+}
+
+
+def case_name(name, dtype):
+    return f"{name}-{str(dtype).removeprefix('torch.')}"
+
+
+def record(benchmark, group, impl, bytes_moved, fn, setup=None):
+    benchmark.group = group
+    benchmark.name = impl
+    benchmark.extra_info.update(impl=impl, bytes=bytes_moved)
+    benchmark.pedantic(fn, setup=setup, rounds=ROUNDS, iterations=1, warmup_rounds=0 if setup else 2)
+
+
+@pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
+def test_copy(benchmark, name, dtype):
+    src, dst = tensors(SHAPES[name], dtype, 2)
+    record(benchmark, f"copy/{case_name(name, dtype)}", "copy", 2 * src.nbytes, lambda: dst.copy_(src))
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+@pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("op", OPS)
+def test_op(benchmark, op, name, dtype, impl):
+    impls, bytes_moved = OPS[op](SHAPES[name], dtype)
+    timed, other = impls[impl], impls["eager" if impl == "fused" else "fused"]
+    for _ in range(2):  # warm-up of both
+        timed()
+        other()
+
+    def run_other():  # pytest-benchmark's setup must return None
+        other()
+
+    record(benchmark, f"{op}/{case_name(name, dtype)}", impl, bytes_moved, timed, setup=run_other)

@@ -348,6 +348,17 @@ def test_gather_rows(case, dtype, layout, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_gather_rows_samples_larger_than_a_copy_piece(dtype, device):
+    # The CPU kernel copies samples in 256 KB pieces; (67, 1001) float32 is 1.02 pieces, float64 2.05:
+    # whole pieces, a short last piece, and pieces of different samples handed to different threads.
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 67, 1001, generator=g, dtype=dtype).to(device)
+    index = torch.tensor([4, 0, 2], device=device)
+    torch.testing.assert_close(ops.gather_rows(x, index), reference.gather_rows(x, index), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", MERGE_CASES, ids=merge_id)

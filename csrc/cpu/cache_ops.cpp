@@ -22,6 +22,12 @@
 #include "../checks.h"
 #include "../cuda/launch_plan.h"
 
+#if defined(__GNUC__)
+#define HARMONICA_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define HARMONICA_ALWAYS_INLINE inline
+#endif
+
 namespace harmonica {
 namespace {
 
@@ -38,7 +44,10 @@ struct AccPair {
   Vec lo;
   Vec hi;
 
-  static AccPair load(const scalar_t* data, int64_t count) {
+  // Always inlined: called with count == kWidth from the main loop of for_each_chunk, where the
+  // partial-load branches fold away. An outlined call returns the pair through memory and halves
+  // the speed of the row loops.
+  HARMONICA_ALWAYS_INLINE static AccPair load(const scalar_t* data, int64_t count) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (count == kWidth) {
         return {Vec::loadu(data), Vec::loadu(data + Vec::size())};
@@ -55,7 +64,7 @@ struct AccPair {
     }
   }
 
-  void store(scalar_t* data, int64_t count) const {
+  HARMONICA_ALWAYS_INLINE void store(scalar_t* data, int64_t count) const {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (count == kWidth) {
         lo.store(data);
@@ -71,6 +80,21 @@ struct AccPair {
     }
   }
 };
+
+// Calls body(d, count) for the channels [d, d + count) of a row, in chunks of kWidth. Full chunks
+// pass count as a compile-time constant, so the loads and stores in their instantiation of the body
+// are plain vector moves; only the last chunk of a row whose width is not a multiple of kWidth takes
+// the partial path.
+template <int64_t kWidth, typename Body>
+HARMONICA_ALWAYS_INLINE void for_each_chunk(int64_t hidden, const Body& body) {
+  int64_t d = 0;
+  for (; d + kWidth <= hidden; d += kWidth) {
+    body(d, std::integral_constant<int64_t, kWidth>{});
+  }
+  if (d < hidden) {
+    body(d, hidden - d);
+  }
+}
 
 // The gate in the accumulation type: half/bfloat16 gates are widened once per call (B x D
 // elements) instead of once per token, which is a quarter of the conversions of the row loops.
@@ -124,13 +148,12 @@ void gated_residual_row(const scalar_t* x, const at::opmath_type<scalar_t>* gate
                         scalar_t* out, int64_t hidden) {
   using Pair = AccPair<scalar_t>;
   using GatePair = AccPair<at::opmath_type<scalar_t>>;
-  for (int64_t d = 0; d < hidden; d += Pair::kWidth) {
-    const int64_t count = std::min<int64_t>(Pair::kWidth, hidden - d);
+  for_each_chunk<Pair::kWidth>(hidden, [&](int64_t d, auto count) {
     const Pair xv = Pair::load(x + d, count);
     const GatePair gv = GatePair::load(gate + d, count);
     const Pair vv = Pair::load(value + d, count);
     Pair{gated_residual(xv.lo, gv.lo, vv.lo), gated_residual(xv.hi, gv.hi, vv.hi)}.store(out + d, count);
-  }
+  });
 }
 
 template <typename scalar_t>
@@ -208,8 +231,7 @@ void blend_kernel(const BlendInputs& in, scalar_t* out) {
       const Vec wv(w[b * in.w_batch_stride]);
       const acc_t* gate_row = gate + b * gate_stride;
       const int64_t offset = row * s.hidden;
-      for (int64_t d = 0; d < s.hidden; d += Pair::kWidth) {
-        const int64_t count = std::min<int64_t>(Pair::kWidth, s.hidden - d);
+      for_each_chunk<Pair::kWidth>(s.hidden, [&](int64_t d, auto count) {
         const Pair xv = Pair::load(x + offset + d, count);
         const GatePair gv = GatePair::load(gate_row + d, count);
         const Pair fv = Pair::load(fresh + offset + d, count);
@@ -217,7 +239,7 @@ void blend_kernel(const BlendInputs& in, scalar_t* out) {
         Pair{gated_residual(xv.lo, gv.lo, blend_value(fv.lo, cv.lo, wv)),
              gated_residual(xv.hi, gv.hi, blend_value(fv.hi, cv.hi, wv))}
             .store(out + offset + d, count);
-      }
+      });
     }
   });
 }
@@ -265,8 +287,7 @@ void blend_backward_kernel(const BlendInputs& in, int64_t tokens_per_chunk, int6
       const int64_t token_end = std::min(s.tokens, (chunk + 1) * tokens_per_chunk);
       for (int64_t token = chunk * tokens_per_chunk; token < token_end; ++token) {
         const int64_t offset = (b * s.tokens + token) * s.hidden;
-        for (int64_t d = 0; d < s.hidden; d += Pair::kWidth) {
-          const int64_t count = std::min<int64_t>(Pair::kWidth, s.hidden - d);
+        for_each_chunk<Pair::kWidth>(s.hidden, [&](int64_t d, auto count) {
           // Partial loads zero the unused lanes, so they add exactly 0 to the sums below.
           const Pair gov = Pair::load(grad_out + offset + d, count);
           const AccPairT gv = AccPairT::load(gate_row + d, count);
@@ -280,7 +301,7 @@ void blend_backward_kernel(const BlendInputs& in, int64_t tokens_per_chunk, int6
           gate_acc.store(grad_gate_row + d, count);
           grad_w_acc = grad_w_acc + blend_grad_w_term(gov.lo, gv.lo, fv.lo, cv.lo) +
                        blend_grad_w_term(gov.hi, gv.hi, fv.hi, cv.hi);
-        }
+        });
       }
       acc_t lanes[Vec::size()];
       grad_w_acc.store(lanes);
@@ -332,13 +353,19 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index) {
   const char* source = static_cast<const char*>(in.x.const_data_ptr());
   char* target = static_cast<char*>(out.mutable_data_ptr());
   const int64_t* row_index = in.index.const_data_ptr<int64_t>();
-  constexpr int64_t kGrainBytes = 1 << 18;
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, row_bytes)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t j = begin; j < end; ++j) {
-                       std::memcpy(target + j * row_bytes, source + row_index[j] * row_bytes, row_bytes);
-                     }
-                   });
+  // Tasks are 256 KB pieces of a sample, not whole samples, so every thread takes part even when
+  // one sample is gathered (a PixArt-1024 sample is 19 MB).
+  constexpr int64_t kPieceBytes = 1 << 18;
+  const int64_t piece_bytes = std::max<int64_t>(1, std::min(row_bytes, kPieceBytes));
+  const int64_t pieces_per_row = row_bytes == 0 ? 0 : (row_bytes + piece_bytes - 1) / piece_bytes;
+  at::parallel_for(0, rows * pieces_per_row, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j = task / pieces_per_row;
+      const int64_t offset = (task % pieces_per_row) * piece_bytes;
+      std::memcpy(target + j * row_bytes + offset, source + row_index[j] * row_bytes + offset,
+                  std::min(piece_bytes, row_bytes - offset));
+    }
+  });
   return out;
 }
 
