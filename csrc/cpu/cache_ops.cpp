@@ -22,10 +22,14 @@
 #include "../checks.h"
 #include "../cuda/launch_plan.h"
 
+// The row loops must compile to straight-line vector code: an outlined load, store or chunk body is a
+// call per 16 elements whose vector results travel through memory, which halves their speed.
 #if defined(__GNUC__)
 #define HARMONICA_ALWAYS_INLINE inline __attribute__((always_inline))
+#define HARMONICA_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define HARMONICA_ALWAYS_INLINE inline
+#define HARMONICA_INLINE_LAMBDA
 #endif
 
 namespace harmonica {
@@ -44,9 +48,8 @@ struct AccPair {
   Vec lo;
   Vec hi;
 
-  // Always inlined: called with count == kWidth from the main loop of for_each_chunk, where the
-  // partial-load branches fold away. An outlined call returns the pair through memory and halves
-  // the speed of the row loops.
+  // Called with count == kWidth from the main loop of for_each_chunk, where the partial-load
+  // branches fold away once inlined.
   HARMONICA_ALWAYS_INLINE static AccPair load(const scalar_t* data, int64_t count) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (count == kWidth) {
@@ -84,7 +87,7 @@ struct AccPair {
 // Calls body(d, count) for the channels [d, d + count) of a row, in chunks of kWidth. Full chunks
 // pass count as a compile-time constant, so the loads and stores in their instantiation of the body
 // are plain vector moves; only the last chunk of a row whose width is not a multiple of kWidth takes
-// the partial path.
+// the partial path. Bodies are HARMONICA_INLINE_LAMBDA.
 template <int64_t kWidth, typename Body>
 HARMONICA_ALWAYS_INLINE void for_each_chunk(int64_t hidden, const Body& body) {
   int64_t d = 0;
@@ -148,7 +151,7 @@ void gated_residual_row(const scalar_t* x, const at::opmath_type<scalar_t>* gate
                         scalar_t* out, int64_t hidden) {
   using Pair = AccPair<scalar_t>;
   using GatePair = AccPair<at::opmath_type<scalar_t>>;
-  for_each_chunk<Pair::kWidth>(hidden, [&](int64_t d, auto count) {
+  for_each_chunk<Pair::kWidth>(hidden, [&](int64_t d, auto count) HARMONICA_INLINE_LAMBDA {
     const Pair xv = Pair::load(x + d, count);
     const GatePair gv = GatePair::load(gate + d, count);
     const Pair vv = Pair::load(value + d, count);
@@ -231,7 +234,7 @@ void blend_kernel(const BlendInputs& in, scalar_t* out) {
       const Vec wv(w[b * in.w_batch_stride]);
       const acc_t* gate_row = gate + b * gate_stride;
       const int64_t offset = row * s.hidden;
-      for_each_chunk<Pair::kWidth>(s.hidden, [&](int64_t d, auto count) {
+      for_each_chunk<Pair::kWidth>(s.hidden, [&](int64_t d, auto count) HARMONICA_INLINE_LAMBDA {
         const Pair xv = Pair::load(x + offset + d, count);
         const GatePair gv = GatePair::load(gate_row + d, count);
         const Pair fv = Pair::load(fresh + offset + d, count);
@@ -287,7 +290,7 @@ void blend_backward_kernel(const BlendInputs& in, int64_t tokens_per_chunk, int6
       const int64_t token_end = std::min(s.tokens, (chunk + 1) * tokens_per_chunk);
       for (int64_t token = chunk * tokens_per_chunk; token < token_end; ++token) {
         const int64_t offset = (b * s.tokens + token) * s.hidden;
-        for_each_chunk<Pair::kWidth>(s.hidden, [&](int64_t d, auto count) {
+        for_each_chunk<Pair::kWidth>(s.hidden, [&](int64_t d, auto count) HARMONICA_INLINE_LAMBDA {
           // Partial loads zero the unused lanes, so they add exactly 0 to the sums below.
           const Pair gov = Pair::load(grad_out + offset + d, count);
           const AccPairT gv = AccPairT::load(gate_row + d, count);
