@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -411,6 +412,53 @@ def test_gated_merge_with_all_samples_active_equals_cache_write():
     written = ops.cache_write(x, gate, branch, write_cache)
     torch.testing.assert_close(merged, written, rtol=0, atol=0)
     torch.testing.assert_close(merge_cache, write_cache, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Large outputs: the CPU kernels write out-of-place outputs above a quarter of the last-level cache
+# with non-temporal stores (full chunks of 32-byte aligned rows; other rows and row tails as usual)
+
+
+def last_level_cache_bytes() -> int:
+    """The size the CPU kernels read (csrc/cpu/cache_ops.cpp), with the same fallback."""
+    for index in (3, 2):
+        try:
+            text = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size").read_text().strip()
+            return int(text.removesuffix("K")) * 1024
+        except (OSError, ValueError):
+            continue
+    return 32 << 20
+
+
+# D = 1152: every row starts 32-byte aligned and is streamed whole. D = 1151: only every 8th
+# (float32) or 16th (half types) row start is aligned, and every row ends in a partial chunk.
+@pytest.mark.parametrize("D", [1152, 1151])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("op", ["cache_write", "cache_read", "blend", "gated_merge"])
+def test_outputs_beyond_a_quarter_of_the_llc_are_streamed_correctly(op, dtype, D):
+    B = 2
+    N = last_level_cache_bytes() // 4 // (B * D * dtype.itemsize) + 1
+    shape = (B, N, D)
+    g = make_generator("streamed", op, dtype, D)
+    x, branch = (hidden(shape, dtype, "cpu", "contiguous", g) for _ in range(2))
+    gate = adaln_gate(shape, dtype, "cpu", "contiguous", "2d", g)
+    cache = hidden(shape, dtype, "cpu", "contiguous", g)
+    expected_cache = cache.clone()
+    w = torch.tensor([0.25, 0.75], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    index = torch.tensor([1])
+    run = {
+        "cache_write": lambda module, slot: module.cache_write(x, gate, branch, slot),
+        "cache_read": lambda module, slot: module.cache_read(x, gate, slot),
+        "blend": lambda module, slot: module.blend(x, gate, branch, slot, w),
+        "gated_merge": lambda module, slot: module.gated_merge(x, gate, branch[index], index, slot),
+    }[op]
+    expected = run(reference, expected_cache)
+
+    out = run(ops, cache)
+
+    assert out.nbytes > last_level_cache_bytes() // 4
+    assert_close(out, expected)
+    torch.testing.assert_close(cache, expected_cache, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------
