@@ -117,7 +117,7 @@ HARMONICA_ALWAYS_INLINE void store_chunk(const Pair& value, typename Pair::scala
 // Calls body(d, count) for the channels [d, d + count) of a row, in chunks of kWidth. Full chunks
 // pass count as a compile-time constant, so the loads and stores in their instantiation of the body
 // are plain vector moves; only the last chunk of a row whose width is not a multiple of kWidth takes
-// the partial path. Bodies are HARMONICA_INLINE_LAMBDA.
+// the partial path. Bodies are HARMONICA_INLINE_LAMBDA (see HARMONICA_ALWAYS_INLINE).
 template <int64_t kWidth, typename Body>
 HARMONICA_ALWAYS_INLINE void for_each_chunk(int64_t hidden, const Body& body) {
   int64_t d = 0;
@@ -205,8 +205,15 @@ bool stream_output(const at::Tensor& x, const at::Tensor& out) {
   return !out.is_same(x) && static_cast<int64_t>(out.nbytes()) > last_level_cache_bytes() / 4;
 }
 
-HARMONICA_ALWAYS_INLINE bool stream_aligned(const void* row) {
-  return reinterpret_cast<std::uintptr_t>(row) % 32 == 0;
+// Calls row_fn(std::true_type) for a row of a streamed output whose start is 32-byte aligned (what the
+// non-temporal vector stores need), row_fn(std::false_type) otherwise.
+template <typename RowFn>
+HARMONICA_ALWAYS_INLINE void with_row_streaming(bool stream_out, const void* row, const RowFn& row_fn) {
+  if (stream_out && reinterpret_cast<std::uintptr_t>(row) % 32 == 0) {
+    row_fn(std::true_type{});
+  } else {
+    row_fn(std::false_type{});
+  }
 }
 
 // out_row = x_row + gate_row * value_row over one row of `hidden` channels.
@@ -236,11 +243,9 @@ void gated_residual_kernel(const GatedResidualInputs& in, scalar_t* out, scalar_
     for (int64_t row = begin; row < end; ++row) {
       const int64_t offset = row * s.hidden;
       const auto* gate_row = gate + (row / s.tokens) * gate_stride;
-      if (stream_out && stream_aligned(out + offset)) {
-        gated_residual_row<true>(x + offset, gate_row, value + offset, out + offset, s.hidden);
-      } else {
-        gated_residual_row<false>(x + offset, gate_row, value + offset, out + offset, s.hidden);
-      }
+      with_row_streaming(stream_out, out + offset, [&](auto stream) {
+        gated_residual_row<decltype(stream)::value>(x + offset, gate_row, value + offset, out + offset, s.hidden);
+      });
       if (cache_out != nullptr) {
         copy_row_streaming(cache_out + offset, value + offset, s.hidden * sizeof(scalar_t));
       }
@@ -319,11 +324,10 @@ void blend_kernel(const BlendInputs& in, scalar_t* out, bool stream_out) {
       const Vectorized<acc_t> wv(w[b * in.w_batch_stride]);
       const acc_t* gate_row = gate + b * gate_stride;
       const int64_t offset = row * s.hidden;
-      if (stream_out && stream_aligned(out + offset)) {
-        blend_row<true>(x + offset, gate_row, fresh + offset, cache + offset, wv, out + offset, s.hidden);
-      } else {
-        blend_row<false>(x + offset, gate_row, fresh + offset, cache + offset, wv, out + offset, s.hidden);
-      }
+      with_row_streaming(stream_out, out + offset, [&](auto stream) {
+        blend_row<decltype(stream)::value>(x + offset, gate_row, fresh + offset, cache + offset, wv, out + offset,
+                                           s.hidden);
+      });
     }
     finish_streaming_stores();
   });
@@ -336,8 +340,9 @@ at::Tensor blend_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tens
   if (in.shape.numel() == 0) {
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "harmonica_blend_cpu",
-                                  [&] { blend_kernel<scalar_t>(in, out.mutable_data_ptr<scalar_t>(), stream_output(in.x, out)); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "harmonica_blend_cpu", [&] {
+    blend_kernel<scalar_t>(in, out.mutable_data_ptr<scalar_t>(), stream_output(in.x, out));
+  });
   return out;
 }
 
@@ -470,11 +475,9 @@ void gated_merge_kernel(const GatedMergeInputs& in, const int32_t* slot_of_row, 
       const int32_t slot = slot_of_row[b];
       const scalar_t* value =
           slot >= 0 ? branch_active + (slot * s.tokens + row % s.tokens) * s.hidden : cache + offset;
-      if (stream_out && stream_aligned(out + offset)) {
-        gated_residual_row<true>(x + offset, gate + b * gate_stride, value, out + offset, s.hidden);
-      } else {
-        gated_residual_row<false>(x + offset, gate + b * gate_stride, value, out + offset, s.hidden);
-      }
+      with_row_streaming(stream_out, out + offset, [&](auto stream) {
+        gated_residual_row<decltype(stream)::value>(x + offset, gate + b * gate_stride, value, out + offset, s.hidden);
+      });
       if (slot >= 0) {
         copy_row_streaming(cache + offset, value, s.hidden * sizeof(scalar_t));
       }
