@@ -32,9 +32,17 @@ SHAPES = {
 }
 CASES = [(name, torch.float32) for name in SHAPES] + [("DiT-XL/2 B=16", torch.bfloat16)]
 CASE_IDS = [f"{name.replace(' ', '_').replace('/', '').replace('=', '')}-{str(dtype)[6:]}" for name, dtype in CASES]
-# Big tensors take several ms per call; a fixed number of rounds keeps the suite under half a minute
-# while the median stays stable.
-ROUNDS = 40
+# Rounds per benchmark: enough to fill about half a second of fused calls, within these bounds.
+# Sub-millisecond ops get hundreds of rounds (their medians wander most with the machine's noise);
+# big tensors get the minimum, which keeps the suite to a minute or two.
+MIN_ROUNDS, MAX_ROUNDS, SECONDS_PER_BENCHMARK = 40, 400, 0.5
+
+
+def rounds_for(fn):
+    fn()  # the first call may page-fault its output
+    start = time.perf_counter()
+    fn()
+    return int(min(MAX_ROUNDS, max(MIN_ROUNDS, SECONDS_PER_BENCHMARK / (time.perf_counter() - start))))
 
 
 def tensors(shape, dtype, count, seed=0):
@@ -193,7 +201,11 @@ def test_copy(benchmark, name, dtype):
     src, dst = tensors(SHAPES[name], dtype, 2)
     benchmark.group = f"copy/{case_name(name, dtype)}"
     benchmark.extra_info.update(bytes=2 * src.nbytes)
-    benchmark.pedantic(lambda: dst.copy_(src), rounds=ROUNDS, iterations=1, warmup_rounds=2)
+
+    def copy():
+        dst.copy_(src)
+
+    benchmark.pedantic(copy, rounds=rounds_for(copy), iterations=1, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("name,dtype", CASES, ids=CASE_IDS)
@@ -212,7 +224,8 @@ def test_op(benchmark, op, slot_state, name, dtype):
         eager_times.append(time.perf_counter() - start)
 
     benchmark.group = f"{op}/{case_name(name, dtype)}/{slot_state}"
-    benchmark.pedantic(impls["fused"], setup=timed_eager, rounds=ROUNDS, iterations=1, warmup_rounds=2)
+    rounds = rounds_for(impls["fused"])
+    benchmark.pedantic(impls["fused"], setup=timed_eager, rounds=rounds, iterations=1, warmup_rounds=2)
     fused_times = benchmark.stats.stats.data
     eager_times = eager_times[-len(fused_times):]  # drop the warm-up rounds
     benchmark.extra_info.update(
