@@ -100,6 +100,7 @@ def _extension_modules():
             sources + ["csrc/cuda/cache_ops.cu"],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
+            define_macros=[("HARMONICA_WITH_CUDA", "1")],
         )
         print(
             f"harmonica: building harmonica._C with CPU ({cpu_isa}) + CUDA kernels for {archs} "

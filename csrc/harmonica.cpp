@@ -4,14 +4,25 @@
 
 #include <torch/library.h>
 
+// Defined by setup.py / CMakeLists.txt when cuda/cache_ops.cu is part of the build.
+#ifndef HARMONICA_WITH_CUDA
+#define HARMONICA_WITH_CUDA 0
+#endif
+
 extern "C" {
 // `import harmonica._C` only needs to load this shared object so the static registrations below
-// run; the module itself is empty (all ops are reached through torch.ops.harmonica).
+// run; all ops are reached through torch.ops.harmonica. The module only says what was built:
+// `built_with_cuda` is 1 when the CUDA kernels are registered (whether or not a GPU is present).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "harmonica C++/CUDA ops; use torch.ops.harmonica or harmonica.ops", -1,
       nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddIntConstant(module, "built_with_cuda", HARMONICA_WITH_CUDA) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 
