@@ -4,6 +4,7 @@
 CFG), DDIM. Reports the measured speedup next to the schedule's theoretical (FLOP-count) speedup and
 their ratio. Each timed cached round is preceded by an uncached round (pytest-benchmark's setup), so
 load from other processes hits both alike; the fastest round of each is compared.
+Runs on the GPU when there is one (benchmarks/_device.py).
 Run: ``pytest benchmarks/bench_cache.py --benchmark-only -s`` (HARMONICA_BENCH_THREADS=1 on a busy machine).
 """
 
@@ -16,6 +17,7 @@ import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
 import harmonica as hc
+from _device import DEVICE, synchronized
 from harmonica.sampling import sample
 from harmonica.timing import cached
 
@@ -28,12 +30,13 @@ XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_chan
 @pytest.fixture(scope="module")
 def dit_xl():
     torch.manual_seed(0)
-    return DiTTransformer2DModel(**XL).eval().requires_grad_(False)
+    return DiTTransformer2DModel(**XL).eval().requires_grad_(False).to(DEVICE)
 
 
+@synchronized
 def sampling_run(model, schedule):
-    labels = torch.tensor([207])
-    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([207], device=DEVICE)
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     with cached(model, schedule):
         sample(model, DDIMScheduler(), latents, num_inference_steps=STEPS, cond={"class_labels": labels},
                uncond={"class_labels": torch.full_like(labels, 1000)}, guidance_scale=1.5, progress=False)

@@ -20,9 +20,8 @@ import time
 import pytest
 import torch
 
+from _device import DEVICE, synchronized
 from harmonica import ops
-
-DEVICE = "cpu"
 
 # name -> (B, N, D)
 SHAPES = {
@@ -202,6 +201,7 @@ def test_copy(benchmark, name, dtype):
     benchmark.group = f"copy/{case_name(name, dtype)}"
     benchmark.extra_info.update(bytes=2 * src.nbytes)
 
+    @synchronized
     def copy():
         dst.copy_(src)
 
@@ -216,16 +216,16 @@ def test_op(benchmark, op, slot_state, name, dtype):
     """Times the fused op; the untimed setup before each of its rounds times the eager composition."""
     shape = SHAPES[name]
     impls, bytes_moved = OPS[op](shape, dtype, cache_slots(shape, dtype, slot_state))
+    fused, eager = synchronized(impls["fused"]), synchronized(impls["eager"])
     eager_times = []
 
     def timed_eager():
         start = time.perf_counter()
-        impls["eager"]()
+        eager()
         eager_times.append(time.perf_counter() - start)
 
     benchmark.group = f"{op}/{case_name(name, dtype)}/{slot_state}"
-    rounds = rounds_for(impls["fused"])
-    benchmark.pedantic(impls["fused"], setup=timed_eager, rounds=rounds, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(fused, setup=timed_eager, rounds=rounds_for(fused), iterations=1, warmup_rounds=2)
     fused_times = benchmark.stats.stats.data
     eager_times = eager_times[-len(fused_times):]  # drop the warm-up rounds
     benchmark.extra_info.update(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _device import describe
 
 BENCHMARK_DIR = Path(__file__).parent.resolve()
 
@@ -102,8 +103,6 @@ def pytest_terminal_summary(terminalreporter, config):
             f"{info['paired_speedup']:.2f}x | {info['eager_min_s'] / fused.stats.min:.2f}x | {fused_gbs:.1f} | "
             f"{copy_gbs:.1f} | {fused_gbs / copy_gbs:.2f} | {cold_speedup} |"
         )
-    terminalreporter.write_sep(
-        "=", f"harmonica fused ops vs eager ({torch.get_num_threads()} threads, {os.cpu_count()} cores, same run)"
-    )
+    terminalreporter.write_sep("=", f"harmonica fused ops vs eager ({describe()}, same run)")
     for line in lines:
         terminalreporter.write_line(line)
