@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from _device import DEVICE, synchronized
+from harmonica import _C as harmonica_C
 from harmonica import ops
 
 # name -> (B, N, D)
@@ -50,14 +51,13 @@ def tensors(shape, dtype, count, seed=0):
 
 
 # Cache-slot state. A DiT-XL/2 or PixArt model has 56 cache slots (28 blocks x attn/mlp) and touches
-# each once per step, a whole model forward after the previous touch: at inference the slot an op
-# writes or reads is cold (in DRAM) while x and the fresh branch output were just produced. "cold"
-# cycles through enough slots to overflow the last-level cache (32 MB on the machine of
-# benchmarks/README.md), for the fused op and the eager composition alike; "hot" reuses one slot every
+# each once per step, a whole model forward (all the weights and activations) after the previous
+# touch: at inference the slot an op writes or reads is cold (in DRAM) while x and the fresh branch
+# output were just produced. "cold" cycles through enough slots to overflow the last-level cache twice
+# (at least 128 MB), for the fused op and the eager composition alike; "hot" reuses one slot every
 # round, the usual microbenchmark setting, where the slot stays in cache.
 SLOT_STATES = ("hot", "cold")
-COLD_SLOT_BYTES = 128 << 20
-MODEL_SLOTS = 56
+COLD_SLOT_BYTES = max(128 << 20, 2 * harmonica_C.last_level_cache_bytes)
 
 
 def cache_slots(shape, dtype, state):
@@ -65,7 +65,7 @@ def cache_slots(shape, dtype, state):
     count = 1
     if state == "cold":
         slot_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        count = min(MODEL_SLOTS, max(2, math.ceil(COLD_SLOT_BYTES / slot_bytes)))
+        count = max(2, math.ceil(COLD_SLOT_BYTES / slot_bytes))
     return itertools.cycle(tensors(shape, dtype, count, seed=2))
 
 

@@ -2,6 +2,8 @@
 // the kernels are registered per device in cpu/cache_ops.cpp and cuda/cache_ops.cu.
 #include <Python.h>
 
+#include <cstdint>
+
 #include <torch/library.h>
 
 // Defined by setup.py / CMakeLists.txt when cuda/cache_ops.cu is part of the build.
@@ -9,16 +11,24 @@
 #define HARMONICA_WITH_CUDA 0
 #endif
 
+namespace harmonica {
+int64_t last_level_cache_bytes();  // cpu/cache_ops.cpp
+}
+
 extern "C" {
 // `import harmonica._C` only needs to load this shared object so the static registrations below
-// run; all ops are reached through torch.ops.harmonica. The module only says what was built:
-// `built_with_cuda` is 1 when the CUDA kernels are registered (whether or not a GPU is present).
+// run; all ops are reached through torch.ops.harmonica. The module only says what was built and
+// what the CPU kernels assume: `built_with_cuda` is 1 when the CUDA kernels are registered (whether
+// or not a GPU is present); `last_level_cache_bytes` is the cache size above a quarter of which
+// the CPU kernels write around the cache (non-temporal stores).
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", "harmonica C++/CUDA ops; use torch.ops.harmonica or harmonica.ops", -1,
       nullptr, nullptr, nullptr, nullptr, nullptr};
   PyObject* module = PyModule_Create(&module_def);
-  if (module != nullptr && PyModule_AddIntConstant(module, "built_with_cuda", HARMONICA_WITH_CUDA) != 0) {
+  if (module != nullptr &&
+      (PyModule_AddIntConstant(module, "built_with_cuda", HARMONICA_WITH_CUDA) != 0 ||
+       PyModule_AddIntConstant(module, "last_level_cache_bytes", static_cast<long>(harmonica::last_level_cache_bytes())) != 0)) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -8,8 +8,8 @@ running the CUDA per-thread bodies over every simulated thread (harmonica::_simu
 from __future__ import annotations
 
 import math
+import os
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -419,19 +419,18 @@ def test_gated_merge_with_all_samples_active_equals_cache_write():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Large outputs: the CPU kernels write out-of-place outputs above a quarter of the last-level cache
-# with non-temporal stores (full chunks of 32-byte aligned rows; other rows and row tails as usual)
+# Large targets: the CPU kernels write cache slots and out-of-place outputs above a quarter of the
+# last-level cache with non-temporal stores (slots: whole rows; float32/float64 outputs: full chunks
+# of 32-byte aligned rows, other rows and row tails as usual; half types: normal stores)
 
 
-def last_level_cache_bytes() -> int:
-    """The size the CPU kernels read (csrc/cpu/cache_ops.cpp), with the same fallback."""
-    for index in (3, 2):
-        try:
-            text = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size").read_text().strip()
-            return int(text.removesuffix("K")) * 1024
-        except (OSError, ValueError):
-            continue
-    return 32 << 20
+LLC_BYTES = harmonica_C.last_level_cache_bytes  # the size the kernels read
+
+
+def test_last_level_cache_size_is_read_from_sysfs():
+    sysfs = [f"/sys/devices/system/cpu/cpu0/cache/index{index}/size" for index in (3, 2)]
+    sizes = [int(open(path).read().strip().removesuffix("K")) * 1024 for path in sysfs if os.path.exists(path)]
+    assert LLC_BYTES == (sizes[0] if sizes else 32 << 20)
 
 
 # D = 1152: every row starts 32-byte aligned and is streamed whole. D = 1151: only every 8th
@@ -441,7 +440,7 @@ def last_level_cache_bytes() -> int:
 @pytest.mark.parametrize("op", ["cache_write", "cache_read", "blend", "gated_merge"])
 def test_outputs_beyond_a_quarter_of_the_llc_are_streamed_correctly(op, dtype, D):
     B = 2
-    N = last_level_cache_bytes() // 4 // (B * D * dtype.itemsize) + 1
+    N = LLC_BYTES // 4 // (B * D * dtype.itemsize) + 1
     shape = (B, N, D)
     g = make_generator("streamed", op, dtype, D)
     x, branch = (hidden(shape, dtype, "cpu", "contiguous", g) for _ in range(2))
@@ -460,7 +459,7 @@ def test_outputs_beyond_a_quarter_of_the_llc_are_streamed_correctly(op, dtype, D
 
     out = run(ops, cache)
 
-    assert out.nbytes > last_level_cache_bytes() // 4
+    assert out.nbytes > LLC_BYTES // 4
     assert_close(out, expected)
     torch.testing.assert_close(cache, expected_cache, rtol=0, atol=0)
 
