@@ -150,8 +150,13 @@ def test_sampling_matches_independent_reference(family, schedule_name):
     hc.enable_cache(model, schedule)
     got = sample(model, DDIMScheduler(), latents, num_inference_steps=STEPS, cond=cond, uncond=uncond,
                  guidance_scale=3.0, progress=False)
-    # Same arithmetic up to fused multiply-add rounding in the cache kernels: float32 rounding level.
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Same arithmetic up to fused multiply-add rounding in the cache kernels (one rounding where the
+    # reference has two). These random-weight models amplify such differences (a schedule moves the
+    # result by 27-104%), so after 4 steps single elements differ by up to 1.7e-5 on an AVX-512 Xeon
+    # (1e-5 on an AMD EPYC) while the error over the whole output stays at 2-3e-6: bound both, with
+    # the norm-wise bound at float32 rounding level, as for the pipelines below.
+    assert rel_err(got, expected) <= 1e-5
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     assert rel_err(got, uncached) > 1e-3, "the schedule must actually change the result"
     state = hc.get_cache_state(model)
     assert state.cache_bytes == 0, "slots are released at the end of a run"
