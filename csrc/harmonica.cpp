@@ -26,9 +26,9 @@ PyObject* PyInit__C(void) {
       PyModuleDef_HEAD_INIT, "_C", "harmonica C++/CUDA ops; use torch.ops.harmonica or harmonica.ops", -1,
       nullptr, nullptr, nullptr, nullptr, nullptr};
   PyObject* module = PyModule_Create(&module_def);
-  if (module != nullptr &&
-      (PyModule_AddIntConstant(module, "built_with_cuda", HARMONICA_WITH_CUDA) != 0 ||
-       PyModule_AddIntConstant(module, "last_level_cache_bytes", static_cast<long>(harmonica::last_level_cache_bytes())) != 0)) {
+  const long cache_bytes = static_cast<long>(harmonica::last_level_cache_bytes());
+  if (module != nullptr && (PyModule_AddIntConstant(module, "built_with_cuda", HARMONICA_WITH_CUDA) != 0 ||
+                            PyModule_AddIntConstant(module, "last_level_cache_bytes", cache_bytes) != 0)) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -438,7 +438,7 @@ def test_last_level_cache_size_is_read_from_sysfs():
 @pytest.mark.parametrize("D", [1152, 1151])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("op", ["cache_write", "cache_read", "blend", "gated_merge"])
-def test_outputs_beyond_a_quarter_of_the_llc_are_streamed_correctly(op, dtype, D):
+def test_tensors_beyond_a_quarter_of_the_llc_are_streamed_correctly(op, dtype, D):
     B = 2
     N = LLC_BYTES // 4 // (B * D * dtype.itemsize) + 1
     shape = (B, N, D)

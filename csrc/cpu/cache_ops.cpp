@@ -237,11 +237,11 @@ HARMONICA_ALWAYS_INLINE void with_row_streaming(bool stream_out, const void* row
 // Asks for the cache line 2 KB ahead of `data` into L2. Applied to the operand that usually comes
 // from far away (DRAM or a remote L3 slice): the cache slot read by cache_read, blend and the cached
 // rows of gated_merge (in cache_write it is the fresh branch output, already cached, where the hint
-// costs nothing). The hardware prefetchers restart at every 4 KB page, and a DiT row (1152 channels, 4.5 KB
-// in float32) crosses one in most rows. Measured with the slot cycled through 56 slots (benchmarks/,
-// cold slot, two runs each): cache_read_ DiT-XL/2 B=2 1.48-1.53x -> 1.64-1.67x over eager, bfloat16
-// B=16 2.2-2.6x -> 4.4-4.8x; hot-slot rows unchanged within noise. Past the end of a tensor it is
-// harmless (a prefetch never faults).
+// costs nothing). The hardware prefetchers restart at every 4 KB page, and a DiT row (1152 channels,
+// 4.5 KB in float32) crosses one in most rows. Measured with the slot cycled through 128 MB of slots
+// (benchmarks/, cold slot, two runs each): cache_read_ DiT-XL/2 B=2 1.48-1.53x -> 1.64-1.67x over
+// eager, bfloat16 B=16 2.2-2.6x -> 4.4-4.8x; hot-slot rows unchanged within noise. Past the end of a
+// tensor it is harmless (a prefetch never faults).
 HARMONICA_ALWAYS_INLINE void prefetch_ahead(const void* data) {
 #if defined(__GNUC__)
   constexpr int64_t kDistanceBytes = 2048;
@@ -296,7 +296,8 @@ at::Tensor run_gated_residual(const GatedResidualInputs& in, const at::Tensor& o
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "harmonica_gated_residual_cpu", [&] {
     gated_residual_kernel<scalar_t>(in, out.mutable_data_ptr<scalar_t>(),
                                     cache_out == nullptr ? nullptr : cache_out->mutable_data_ptr<scalar_t>(),
-                                    stream_output(in.x, out), cache_out != nullptr && written_around_cache(*cache_out));
+                                    stream_output(in.x, out),
+                                    cache_out != nullptr && written_around_cache(*cache_out));
   });
   return out;
 }
