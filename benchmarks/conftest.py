@@ -8,14 +8,14 @@ composition it replaces and with a plain copy measured in the same run.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
 from _device import describe
+
+from harmonica.timing import keep_freed_memory
 
 BENCHMARK_DIR = Path(__file__).parent.resolve()
 
@@ -26,29 +26,10 @@ def pytest_configure(config):
     threads = os.environ.get("HARMONICA_BENCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
+    # Freed memory is reused, not page-faulted afresh by every out-of-place op (harmonica.timing);
+    # HARMONICA_BENCH_MALLOC=system keeps glibc's defaults.
     if os.environ.get("HARMONICA_BENCH_MALLOC", "reuse") == "reuse":
         keep_freed_memory()
-
-
-def keep_freed_memory():
-    """Make glibc malloc keep and reuse freed memory, as jemalloc and tcmalloc do.
-
-    By default glibc returns large freed blocks to the kernel (mmap above a threshold that moves with
-    the allocation history, heap trimming above twice that), so an out-of-place op may or may not
-    page-fault its fresh output depending on what ran before it: the same kernel then measures 2-5x
-    apart between runs. Fixing the thresholds makes every allocation reuse warm memory, so the
-    timings compare kernels rather than the allocator's state. HARMONICA_BENCH_MALLOC=system keeps
-    the glibc defaults.
-    """
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return
-    libc = ctypes.CDLL(libc_name)
-    if not hasattr(libc, "mallopt"):
-        return  # not glibc
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 31)
 
 
 def _requested_paths(config) -> list[Path]:
