@@ -48,6 +48,7 @@ def _extension_modules():
     sources = [
         "csrc/harmonica.cpp",
         "csrc/checks.cpp",
+        "csrc/autograd.cpp",
         "csrc/cpu/cache_ops.cpp",
         "csrc/cpu/simulate_cuda.cpp",
     ]

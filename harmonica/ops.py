@@ -12,6 +12,12 @@ Validation happens in C++ and names the argument. Two checks differ by device, t
 of host synchronisations: ``w`` outside [0, 1] and out-of-range or duplicate indices raise a
 RuntimeError on CPU, and trigger a device-side assert on CUDA (reported at the next sync).
 
+Autograd: every out-of-place op is differentiable in ``x``, ``gate`` and the branch (``branch``,
+``fresh``, ``branch_active``) and, for ``blend``, ``w``; cache slots are detached and get no gradient.
+``blend`` has a fused backward (it is what router training runs); the others rebuild their output
+with it when an input requires grad (csrc/autograd.cpp). The in-place ``*_`` variants overwrite
+``x``, which a backward pass needs, so they raise when an input requires grad.
+
 ``reference`` holds a pure-PyTorch implementation of every op with the same signature: the
 specification the kernels are tested against.
 """

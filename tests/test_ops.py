@@ -321,6 +321,112 @@ def test_blend_gives_no_gradient_to_cache():
     assert cache.grad is None
 
 
+# Autograd of the other ops (csrc/autograd.cpp): the out-of-place ops are differentiable in x, gate
+# and the branch (cache slots are detached, as in blend); the in-place variants refuse inputs that
+# require grad.
+
+
+def _grad_case(shape, gate_form, name):
+    g = make_generator("autograd", shape, gate_form, name)
+    x, branch, cache = (torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(3))
+    gate = adaln_gate(shape, torch.float64, "cpu", "contiguous", gate_form, g)
+    rows = torch.randperm(shape[0], generator=g)[: max(1, shape[0] // 2)]
+    return x, gate, branch, cache, rows
+
+
+DIFFERENTIABLE = {  # name -> (op applied to (x, gate, branch, cache, rows), inputs that get a gradient)
+    "cache_write": (lambda x, gate, branch, cache, rows: ops.cache_write(x, gate, branch, cache),
+                    ("x", "gate", "branch")),
+    "cache_read": (lambda x, gate, branch, cache, rows: ops.cache_read(x, gate, cache), ("x", "gate")),
+    "gather_rows": (lambda x, gate, branch, cache, rows: ops.gather_rows(x, rows), ("x",)),
+    "gated_merge": (lambda x, gate, branch, cache, rows: ops.gated_merge(x, gate, branch[rows], rows, cache),
+                    ("x", "gate", "branch")),
+}
+
+
+@pytest.mark.parametrize("name", DIFFERENTIABLE)
+@pytest.mark.parametrize("gate_form", GATE_FORMS)
+@pytest.mark.parametrize("shape", [(3, 2, 5), (1, 1, 8)], ids=shape_id)
+def test_gradcheck_float64(name, shape, gate_form):
+    fn, differentiable = DIFFERENTIABLE[name]
+    x, gate, branch, cache, rows = _grad_case(shape, gate_form, name)
+    args = dict(x=x, gate=gate, branch=branch)
+    for arg in differentiable:
+        args[arg].requires_grad_()
+
+    def op(x, gate, branch):
+        return fn(x, gate, branch, cache.clone(), rows)  # a fresh slot per call: gradcheck calls it many times
+
+    assert torch.autograd.gradcheck(op, (x, gate, branch), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["cache_write", "gated_merge"])
+def test_differentiable_slot_writers_match_reference_and_detach_the_slot(name):
+    fn, _ = DIFFERENTIABLE[name]
+    x, gate, branch, cache, rows = _grad_case((4, 3, 6), "2d", name)
+    x.requires_grad_(), gate.requires_grad_(), branch.requires_grad_()
+    slot, expected_slot = cache.clone(), cache.clone()
+    out = fn(x, gate, branch, slot, rows)
+    x_, gate_, branch_ = x.detach(), gate.detach(), branch.detach()
+    expected = (reference.cache_write(x_, gate_, branch_, expected_slot) if name == "cache_write"
+                else reference.gated_merge(x_, gate_, branch_[rows], rows, expected_slot))
+    assert_close(out.detach(), expected)
+    assert torch.equal(slot, expected_slot) and not slot.requires_grad
+    out.sum().backward()  # the slot write is not part of the graph: backward runs after it
+    assert x.grad is not None and gate.grad is not None and branch.grad is not None
+
+
+@pytest.mark.parametrize("name", ["cache_write", "cache_read", "gather_rows", "gated_merge"])
+def test_opcheck_with_inputs_that_require_grad(name):
+    fn, differentiable = DIFFERENTIABLE[name]
+    case = _grad_case((3, 5, 12), "2d", name)
+    x, gate, branch, cache, rows = (t.float() if t.is_floating_point() else t for t in case)
+    args = dict(x=x, gate=gate, branch=branch)
+    for arg in differentiable:
+        args[arg].requires_grad_()
+    op_args = {
+        "cache_write": (x, gate, branch, cache),
+        "cache_read": (x, gate, cache),
+        "gather_rows": (x, rows),
+        "gated_merge": (x, gate, branch[rows].detach().requires_grad_(), rows, cache),
+    }[name]
+    torch.library.opcheck(getattr(torch.ops.harmonica, name).default, op_args)
+
+
+@pytest.mark.parametrize("name,argument",
+                         [("cache_write_", "gate"), ("cache_read_", "x"), ("gated_merge_", "branch_active")])
+def test_in_place_ops_refuse_inputs_that_require_grad_and_change_nothing(name, argument):
+    x, gate, branch, cache, rows = _grad_case((3, 2, 5), "2d", name)
+    args = {
+        "cache_write_": dict(x=x, gate=gate, branch=branch, cache=cache),
+        "cache_read_": dict(x=x, gate=gate, cache=cache),
+        "gated_merge_": dict(x=x, gate=gate, branch_active=branch[rows], index=rows, cache=cache),
+    }[name]
+    args[argument] = args[argument].clone().requires_grad_()
+    if argument == "x":
+        args["x"] = args["x"] * 1  # a non-leaf, as inside a model
+    before = {k: v.detach().clone() for k, v in args.items()}
+    with pytest.raises(RuntimeError, match=rf"harmonica.{name}: `{argument}` requires grad.*harmonica.ops.{name[:-1]}"):
+        getattr(ops, name)(**args)
+    for key, value in args.items():
+        assert torch.equal(value.detach(), before[key]), key
+    with torch.no_grad():  # the same call is fine without autograd
+        getattr(ops, name)(**args)
+
+
+def test_in_place_ops_mark_what_they_write_for_autograd():
+    # A tensor saved for a backward pass and then overwritten by an in-place op must make that
+    # backward fail, as after any in-place ATen op, instead of using the new values.
+    x, gate, branch, cache, _ = _grad_case((2, 3, 4), "2d", "version")
+    weight = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    saved = {"x": x * weight, "cache": cache * weight}  # each product saves its tensor for d/dweight
+    with torch.no_grad():
+        ops.cache_write_(x, gate, branch, cache)
+    for name, product in saved.items():
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            product.sum().backward()
+
+
 # ---------------------------------------------------------------------------------------------------
 # gather_rows / gated_merge
 

@@ -1,0 +1,202 @@
+// Autograd kernels of the ops other than blend (whose fused backward is registered from Python).
+//
+// torch.library's Python register_autograd only accepts functional ops, and cache_write and
+// gated_merge write their cache slot; without a kernel at the Autograd key torch falls back to one
+// that warns and silently drops the gradients of gate and branch. So every op has one here:
+// * when no input requires grad (inference, the usual case) the op goes straight to its CPU/CUDA
+//   kernel below autograd, and the tensors it wrote get a new version, as after any in-place op;
+// * otherwise the out-of-place ops run as at inference, then rebuild their output differentiably
+//   with `blend` at w = 1, which is x + gate * fresh with the fused backward (cache slots stay
+//   detached, as in blend); gather_rows with index_select;
+// * the in-place variants overwrite x, which a backward pass may need, so with inputs that require
+//   grad they refuse and name the out-of-place op.
+#include <initializer_list>
+#include <string>
+#include <utility>
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/index_put.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/ones.h>
+#include <c10/core/GradMode.h>
+#include <torch/library.h>
+
+namespace harmonica {
+namespace {
+
+// Typed handle of harmonica::<name> (callers keep it in a function-local static: looked up once).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// The name of the first input that requires grad (nullptr if none, or if grad mode is off).
+const char* first_requiring_grad(std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs) {
+  if (c10::GradMode::is_enabled()) {
+    for (const auto& [name, tensor] : inputs) {
+      if (tensor->requires_grad()) {
+        return name;
+      }
+    }
+  }
+  return nullptr;
+}
+
+// What an in-place ATen op does, so autograd can tell a tensor saved for backward was overwritten.
+void mark_written(const at::Tensor& t) {
+  if (!t.is_inference()) {
+    t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+at::Tensor weight_one(const at::Tensor& x) {
+  return at::ones({}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+}
+
+using BlendSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&);
+
+// x + gate * value, differentiable in x, gate and value (the fused blend at w = 1).
+at::Tensor gated_residual_with_grad(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& value) {
+  static const auto blend = op_handle<BlendSig>("harmonica::blend");
+  return blend.call(x, gate, value, value.detach(), weight_one(x));
+}
+
+// ---- out-of-place ops -------------------------------------------------------------------------
+// With grad, the op itself still runs first (below autograd): it validates every input and writes
+// the slot, so errors and slot contents are the same as at inference, and nothing is written when a
+// check fails. The differentiable output is then rebuilt from its parts.
+
+using CacheWriteSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+at::Tensor cache_write_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch,
+                                const at::Tensor& cache) {
+  static const auto op = op_handle<CacheWriteSig>("harmonica::cache_write");
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(x, gate, branch, cache);
+  }
+  mark_written(cache);
+  return first_requiring_grad({{"x", &x}, {"gate", &gate}, {"branch", &branch}})
+             ? gated_residual_with_grad(x, gate, branch)
+             : out;
+}
+
+using CacheReadSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+at::Tensor cache_read_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cache) {
+  static const auto op = op_handle<CacheReadSig>("harmonica::cache_read");
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(x, gate, cache);
+  }
+  return first_requiring_grad({{"x", &x}, {"gate", &gate}}) ? gated_residual_with_grad(x, gate, cache.detach()) : out;
+}
+
+using GatherRowsSig = at::Tensor(const at::Tensor&, const at::Tensor&);
+
+at::Tensor gather_rows_autograd(const at::Tensor& x, const at::Tensor& index) {
+  static const auto op = op_handle<GatherRowsSig>("harmonica::gather_rows");
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(x, index);
+  }
+  return first_requiring_grad({{"x", &x}}) ? at::index_select(x, 0, index) : out;
+}
+
+using GatedMergeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&);
+
+at::Tensor gated_merge_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch_active,
+                                const at::Tensor& index, const at::Tensor& cache) {
+  static const auto op = op_handle<GatedMergeSig>("harmonica::gated_merge");
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(x, gate, branch_active, index, cache);
+  }
+  mark_written(cache);
+  if (!first_requiring_grad({{"x", &x}, {"gate", &gate}, {"branch_active", &branch_active}})) {
+    return out;
+  }
+  // What each sample added: the slot now holds it; index_put puts branch_active into the graph.
+  const at::Tensor value = at::index_put(cache.detach(), {index}, branch_active);
+  return gated_residual_with_grad(x, gate, value);
+}
+
+// ---- in-place variants --------------------------------------------------------------------------
+
+void refuse_grad(const char* op, const char* argument) {
+  const std::string name(op);
+  TORCH_CHECK(false, "harmonica.", name, ": `", argument, "` requires grad, but ", name,
+              " overwrites x, which a backward pass needs; use the differentiable harmonica.ops.",
+              name.substr(0, name.size() - 1), " (same arguments, returns the result) or call it under ",
+              "torch.no_grad().");
+}
+
+using CacheWriteInPlaceSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+void cache_write_inplace_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch,
+                                  const at::Tensor& cache) {
+  if (const char* argument = first_requiring_grad({{"x", &x}, {"gate", &gate}, {"branch", &branch}})) {
+    refuse_grad("cache_write_", argument);
+  }
+  static const auto op = op_handle<CacheWriteInPlaceSig>("harmonica::cache_write_");
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.call(x, gate, branch, cache);
+  }
+  mark_written(x);
+  mark_written(cache);
+}
+
+using CacheReadInPlaceSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+void cache_read_inplace_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cache) {
+  if (const char* argument = first_requiring_grad({{"x", &x}, {"gate", &gate}})) {
+    refuse_grad("cache_read_", argument);
+  }
+  static const auto op = op_handle<CacheReadInPlaceSig>("harmonica::cache_read_");
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.call(x, gate, cache);
+  }
+  mark_written(x);
+}
+
+using GatedMergeInPlaceSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&);
+
+void gated_merge_inplace_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch_active,
+                                  const at::Tensor& index, const at::Tensor& cache) {
+  const char* argument = first_requiring_grad({{"x", &x}, {"gate", &gate}, {"branch_active", &branch_active}});
+  if (argument != nullptr) {
+    refuse_grad("gated_merge_", argument);
+  }
+  static const auto op = op_handle<GatedMergeInPlaceSig>("harmonica::gated_merge_");
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.call(x, gate, branch_active, index, cache);
+  }
+  mark_written(x);
+  mark_written(cache);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(harmonica, Autograd, m) {
+  m.impl("cache_write", TORCH_FN(cache_write_autograd));
+  m.impl("cache_read", TORCH_FN(cache_read_autograd));
+  m.impl("gather_rows", TORCH_FN(gather_rows_autograd));
+  m.impl("gated_merge", TORCH_FN(gated_merge_autograd));
+  m.impl("cache_write_", TORCH_FN(cache_write_inplace_autograd));
+  m.impl("cache_read_", TORCH_FN(cache_read_inplace_autograd));
+  m.impl("gated_merge_", TORCH_FN(gated_merge_inplace_autograd));
+}
+
+}  // namespace harmonica
