@@ -22,7 +22,9 @@ from harmonica.testbed.classifier import FMNISTClassifier
 from harmonica.testbed.data import CLASS_NAMES
 from harmonica.testbed.model import SCHEDULER_CONFIG
 
-torch.set_num_threads(1)
+
+# Tiny models: one intra-op thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 STEPS = 4
 BLOCKS = 2

@@ -24,8 +24,9 @@ from harmonica.sampling import sample
 from harmonica.train import ClassConditioning, PromptConditioning, TrainConfig, train_router
 from harmonica.train.distributed import draw_int, draw_normal
 
-# Two shared cores: one intra-op thread avoids oversubscription stalls that make tiny ops 100x slower.
-torch.set_num_threads(1)
+
+# Tiny models: one intra-op thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 STEPS = 4
 BLOCKS = 2
