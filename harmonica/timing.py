@@ -28,8 +28,8 @@ def keep_freed_memory() -> None:
     if libc is None or not hasattr(libc, "mallopt"):
         return
     m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 31)
+    libc.mallopt(m_mmap_threshold, 1 << 30)  # blocks up to 1 GB come from the heap
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)  # the largest C int mallopt takes: the heap never shrinks
 
 
 def best_times(runs: Mapping[str, Callable[[], object]], repeats: int = 3, warmup: bool = True) -> dict[str, float]:
