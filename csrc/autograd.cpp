@@ -32,6 +32,13 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// Calls the op's CPU/CUDA kernel, below autograd.
+template <typename Signature, typename... Args>
+decltype(auto) call_below_autograd(const c10::TypedOperatorHandle<Signature>& op, const Args&... args) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(args...);
+}
+
 // The name of the first input that requires grad (nullptr if none, or if grad mode is off).
 const char* first_requiring_grad(std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs) {
   if (c10::GradMode::is_enabled()) {
@@ -74,11 +81,7 @@ using CacheWriteSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at:
 at::Tensor cache_write_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch,
                                 const at::Tensor& cache) {
   static const auto op = op_handle<CacheWriteSig>("harmonica::cache_write");
-  at::Tensor out;
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    out = op.call(x, gate, branch, cache);
-  }
+  const at::Tensor out = call_below_autograd(op, x, gate, branch, cache);
   mark_written(cache);
   return first_requiring_grad({{"x", &x}, {"gate", &gate}, {"branch", &branch}})
              ? gated_residual_with_grad(x, gate, branch)
@@ -89,11 +92,7 @@ using CacheReadSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::
 
 at::Tensor cache_read_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cache) {
   static const auto op = op_handle<CacheReadSig>("harmonica::cache_read");
-  at::Tensor out;
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    out = op.call(x, gate, cache);
-  }
+  const at::Tensor out = call_below_autograd(op, x, gate, cache);
   return first_requiring_grad({{"x", &x}, {"gate", &gate}}) ? gated_residual_with_grad(x, gate, cache.detach()) : out;
 }
 
@@ -101,11 +100,7 @@ using GatherRowsSig = at::Tensor(const at::Tensor&, const at::Tensor&);
 
 at::Tensor gather_rows_autograd(const at::Tensor& x, const at::Tensor& index) {
   static const auto op = op_handle<GatherRowsSig>("harmonica::gather_rows");
-  at::Tensor out;
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    out = op.call(x, index);
-  }
+  const at::Tensor out = call_below_autograd(op, x, index);
   return first_requiring_grad({{"x", &x}}) ? at::index_select(x, 0, index) : out;
 }
 
@@ -115,11 +110,7 @@ using GatedMergeSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at:
 at::Tensor gated_merge_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch_active,
                                 const at::Tensor& index, const at::Tensor& cache) {
   static const auto op = op_handle<GatedMergeSig>("harmonica::gated_merge");
-  at::Tensor out;
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    out = op.call(x, gate, branch_active, index, cache);
-  }
+  const at::Tensor out = call_below_autograd(op, x, gate, branch_active, index, cache);
   mark_written(cache);
   if (!first_requiring_grad({{"x", &x}, {"gate", &gate}, {"branch_active", &branch_active}})) {
     return out;
@@ -147,10 +138,7 @@ void cache_write_inplace_autograd(const at::Tensor& x, const at::Tensor& gate, c
     refuse_grad("cache_write_", argument);
   }
   static const auto op = op_handle<CacheWriteInPlaceSig>("harmonica::cache_write_");
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    op.call(x, gate, branch, cache);
-  }
+  call_below_autograd(op, x, gate, branch, cache);
   mark_written(x);
   mark_written(cache);
 }
@@ -162,10 +150,7 @@ void cache_read_inplace_autograd(const at::Tensor& x, const at::Tensor& gate, co
     refuse_grad("cache_read_", argument);
   }
   static const auto op = op_handle<CacheReadInPlaceSig>("harmonica::cache_read_");
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    op.call(x, gate, cache);
-  }
+  call_below_autograd(op, x, gate, cache);
   mark_written(x);
 }
 
@@ -179,10 +164,7 @@ void gated_merge_inplace_autograd(const at::Tensor& x, const at::Tensor& gate, c
     refuse_grad("gated_merge_", argument);
   }
   static const auto op = op_handle<GatedMergeInPlaceSig>("harmonica::gated_merge_");
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    op.call(x, gate, branch_active, index, cache);
-  }
+  call_below_autograd(op, x, gate, branch_active, index, cache);
   mark_written(x);
   mark_written(cache);
 }
