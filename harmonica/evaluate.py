@@ -9,6 +9,11 @@ can cancel and the index would change with the range convention).
 FID-FMNIST is the Frechet distance between Gaussian fits of the penultimate features of the bundled
 Fashion-MNIST classifier, against the bundled statistics of the 10,000 test images. Like every FID it
 is biased upwards at small sample counts: compare numbers only at equal sample counts.
+
+Two bundled classifiers judge samples (``harmonica.testbed.classifier.RECIPES``): ``"fid"``, trained
+with shifts and label smoothing, whose features define FID-FMNIST and precision/recall, and
+``"strict"``, trained without either. Accuracies are best read relative to the classifier's own
+test accuracy (``classifier_test_accuracy``), which :func:`quality` reports alongside.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ __all__ = [
     "classifier_logits",
     "fid_fmnist",
     "classifier_accuracy",
+    "classifier_test_accuracy",
+    "precision_recall",
+    "real_features",
+    "quality",
     "psnr",
     "ssim",
 ]
@@ -71,24 +80,43 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
-@lru_cache(maxsize=4)
-def _classifier(device: str):
+def _classifier_path(which: str) -> Path:
+    from .testbed.classifier import RECIPES
+
+    if which not in RECIPES:
+        raise ValueError(f"which={which!r} is not a bundled classifier; choose one of {', '.join(RECIPES)}")
+    path = _ASSETS / RECIPES[which].file
+    if not path.exists():
+        flag = "classifier" if which == "fid" else f"{which}-classifier"
+        raise FileNotFoundError(f"{path} is missing; train and export it with "
+                                f"`python -m harmonica.testbed.train --what {flag} --export`")
+    return path
+
+
+@lru_cache(maxsize=8)
+def _classifier(device: str, which: str):
     from safetensors.torch import load_file
     from .testbed.classifier import FMNISTClassifier
 
-    path = _ASSETS / "classifier.safetensors"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; train and export it with "
-                                f"`python -m harmonica.testbed.train --what classifier --export`")
     model = FMNISTClassifier()
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(load_file(str(_classifier_path(which))))
     model.eval().requires_grad_(False)
     return model.to(device)
 
 
-def load_classifier(device: str | torch.device = "cpu"):
-    """The bundled Fashion-MNIST classifier (eval mode, frozen, float32). Cached per device."""
-    return _classifier(str(torch.device(device)))
+def load_classifier(device: str | torch.device = "cpu", which: str = "fid"):
+    """A bundled Fashion-MNIST classifier (eval mode, frozen, float32), ``which`` in {"fid", "strict"}.
+    Cached per device."""
+    return _classifier(str(torch.device(device)), which)
+
+
+@lru_cache(maxsize=4)
+def classifier_test_accuracy(which: str = "fid") -> float:
+    """The bundled classifier's accuracy on the 10,000 Fashion-MNIST test images (recorded at export)."""
+    from safetensors import safe_open
+
+    with safe_open(str(_classifier_path(which)), framework="pt") as f:
+        return float(f.metadata()["test_accuracy"])
 
 
 @lru_cache(maxsize=1)
@@ -200,3 +228,82 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, value_range=(-1.0, 1.0),
     num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
     den = (mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)
     return (num / den).flatten(1).mean(1)
+
+
+def _kth_neighbour_distance(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance from each row to its k-th nearest other row (the row itself, at distance 0, excluded)."""
+    d = torch.cdist(features, features)
+    return d.topk(k + 1, dim=1, largest=False).values[:, k]
+
+
+def precision_recall(gen_features, real_features, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al., NeurIPS 2019) of generated features ``(G, D)``
+    against real features ``(R, D)``.
+
+    Each set's manifold is the union of balls around its points with radius the distance to the
+    point's k-th nearest neighbour in the same set. Precision: fraction of generated samples inside
+    the real manifold (are the samples realistic?); recall: fraction of real samples inside the
+    generated manifold (is the data's variety covered?). Both depend on G, R and k: compare at equal
+    counts (the paper uses G = R and k = 3).
+    """
+    gen = torch.as_tensor(gen_features).double()
+    real = torch.as_tensor(real_features).double()
+    if gen.ndim != 2 or real.ndim != 2 or gen.shape[1] != real.shape[1]:
+        raise ValueError(f"features must be (G, D) and (R, D), got {tuple(gen.shape)} and {tuple(real.shape)}")
+    if min(gen.shape[0], real.shape[0]) <= k:
+        raise ValueError(f"need more than k={k} samples in each set, got {gen.shape[0]} and {real.shape[0]}")
+    real_radii = _kth_neighbour_distance(real, k)
+    gen_radii = _kth_neighbour_distance(gen, k)
+    d = torch.cdist(gen, real)                                   # (G, R)
+    precision = (d <= real_radii[None, :]).any(dim=1).double().mean().item()
+    recall = (d <= gen_radii[:, None]).any(dim=0).double().mean().item()
+    return precision, recall
+
+
+@lru_cache(maxsize=4)
+def _real_features(n: int, seed: int) -> torch.Tensor:
+    from .testbed.data import load_tensors
+
+    images, _ = load_tensors("test")
+    if not 0 < n <= images.shape[0]:
+        raise ValueError(f"n must be in 1..{images.shape[0]}, got {n}")
+    idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return classifier_features(images[idx])
+
+
+def real_features(n: int, seed: int = 0) -> torch.Tensor:
+    """FID-classifier features of ``n`` Fashion-MNIST test images drawn with ``seed`` (the real set
+    of :func:`precision_recall`; needs the dataset on disk)."""
+    return _real_features(n, seed).clone()
+
+
+def quality(images: torch.Tensor, labels=None, *, reference: torch.Tensor | None = None,
+            strict: bool = True, precision_recall_k: int | None = 3, device=None) -> dict[str, float]:
+    """Every quality measure of one batch of generated images ``(N, 1, 28, 28)`` in [-1, 1].
+
+    * ``fid_fmnist``; ``precision`` / ``recall`` against ``N`` test images (k = ``precision_recall_k``,
+      None to skip; needs the dataset on disk);
+    * with ``labels``: ``accuracy`` (FID classifier) and, if ``strict``, ``strict_accuracy``, each also as
+      a fraction of that classifier's test accuracy (``accuracy_rel``, ``strict_accuracy_rel``);
+    * with ``reference`` (e.g. the uncached images from the same noise): ``psnr`` and ``ssim``, means
+      over images (identical images count as 1000 dB, as in the comparison table).
+
+    ``device``: where the classifiers run (default: the images' device).
+    """
+    device = torch.device(device) if device is not None else images.device
+    fid_classifier = load_classifier(device, "fid")
+    feats = classifier_features(images, fid_classifier)
+    out = {"num_samples": int(images.shape[0]),
+           "fid_fmnist": frechet_distance(*feature_statistics(feats), *_reference())}
+    if precision_recall_k:
+        out["precision"], out["recall"] = precision_recall(feats, real_features(images.shape[0]), precision_recall_k)
+    if labels is not None:
+        kinds = ("fid", "strict") if strict else ("fid",)
+        for which in kinds:
+            key = "accuracy" if which == "fid" else f"{which}_accuracy"
+            out[key] = classifier_accuracy(images, labels, load_classifier(device, which))
+            out[key + "_rel"] = out[key] / classifier_test_accuracy(which)
+    if reference is not None:
+        out["psnr"] = float(psnr(images, reference).clamp(max=1e3).mean())
+        out["ssim"] = float(ssim(images, reference).mean())
+    return out

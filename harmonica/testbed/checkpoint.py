@@ -41,7 +41,9 @@ def pack_optimizer(optimizer: torch.optim.Optimizer, prefix: str = "optim.") -> 
                 tensors[f"{prefix}{param_id}.{name}"] = value
             else:
                 plain_state[str(param_id)][name] = value
-    return tensors, {"param_groups": state["param_groups"], "plain_state": plain_state}
+    # A capturable optimizer (CUDA graphs) holds its learning rate as a device tensor: store the number.
+    groups = [{k: (v.item() if torch.is_tensor(v) else v) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "plain_state": plain_state}
 
 
 def unpack_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict,

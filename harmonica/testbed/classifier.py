@@ -1,4 +1,12 @@
-"""A small Fashion-MNIST CNN whose penultimate layer is the feature space of FID-FMNIST.
+"""Small Fashion-MNIST CNNs that judge the testbed's samples.
+
+Two classifiers of the same architecture, trained differently:
+
+* ``"fid"``: the feature space of FID-FMNIST and precision/recall. Trained with random shifts and
+  label smoothing, so its features do not hinge on pixel-exact alignment.
+* ``"strict"``: trained without augmentation or label smoothing, on a different seed. A forgiving
+  classifier recognises blurred or patchy samples that a plain one does not; the strict one
+  measures whether samples look like the data the way the data itself looks.
 
 No Inception weights are available offline, so the Frechet distance is measured in the features of a
 classifier trained on the same data: not comparable with published FIDs, but a true distance between
@@ -7,10 +15,32 @@ the generated and the real image distributions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 FEATURE_DIM = 128
+
+
+@dataclass(frozen=True)
+class ClassifierRecipe:
+    """How one bundled classifier is trained, and where its weights live in the assets folder."""
+
+    name: str
+    file: str            # weights in harmonica/testbed/assets/
+    max_shift: int       # random shifts of up to this many pixels (0: no augmentation)
+    label_smoothing: float
+    epochs: int
+    seed_offset: int     # added to --seed: the two classifiers start from different initialisations
+
+
+RECIPES = {
+    "fid": ClassifierRecipe("fid", "classifier.safetensors", max_shift=2, label_smoothing=0.05, epochs=4,
+                            seed_offset=0),
+    "strict": ClassifierRecipe("strict", "classifier_strict.safetensors", max_shift=0, label_smoothing=0.0,
+                               epochs=6, seed_offset=1),
+}
 
 
 class FMNISTClassifier(nn.Module):

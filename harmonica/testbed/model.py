@@ -32,6 +32,26 @@ DIT_CONFIG = dict(
     dropout=0.0,
 )
 
+# Candidate shapes for the testbed, by name: overrides of DIT_CONFIG. What each costs (CPU sampling,
+# GPU training, file size) is measured by `python -m harmonica.testbed.sizing`; the choice and the
+# numbers are in assets/MODEL_CARD.md. "Toward DiT-XL/2" means more blocks (it has 28) or more tokens
+# (it has 256); both cost CPU time in every demo, test and router-training run.
+ARCHITECTURES = {
+    "L8-d128-p4": {},                                                     # 49 tokens, 16 cache units
+    "L12-d128-p4": dict(num_layers=12),                                   # 49 tokens, 24 units
+    "L12-d96-p4": dict(num_layers=12, num_attention_heads=3),             # 49 tokens, 24 units
+    "L8-d64-p2": dict(patch_size=2, num_attention_heads=2),               # 196 tokens, 16 units
+    "L8-d128-p2": dict(patch_size=2),                                     # 196 tokens, 16 units
+}
+DEFAULT_ARCHITECTURE = "L8-d128-p4"
+
+
+def architecture_config(name: str) -> dict:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown testbed architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return {**DIT_CONFIG, **ARCHITECTURES[name]}
+
+
 # CombinedTimestepLabelEmbeddings always builds its LabelEmbedding with class_dropout_prob=0.1, which
 # appends one "dropped" row after the real classes: the null (unconditional) id is therefore NUM_CLASSES.
 NULL_CLASS = NUM_CLASSES
