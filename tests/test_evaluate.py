@@ -144,3 +144,72 @@ def test_fid_fmnist_separates_real_from_noise(test_slice):
 def test_classifier_inputs_are_validated():
     with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\)"):
         ev.classifier_features(torch.zeros(2, 3, 28, 28))
+
+
+# ------------------------------------------------------------------------------- precision / recall
+
+def _brute_force_precision_recall(gen, real, k):
+    # Loops over points, written independently of evaluate's vectorised version.
+    def radii(x):
+        out = []
+        for i in range(len(x)):
+            d = sorted(np.linalg.norm(x - x[i], axis=1))
+            out.append(d[k])  # d[0] is the point itself
+        return np.array(out)
+
+    r_real, r_gen = radii(real), radii(gen)
+    precision = np.mean([any(np.linalg.norm(real[j] - g) <= r_real[j] for j in range(len(real))) for g in gen])
+    recall = np.mean([any(np.linalg.norm(gen[i] - r) <= r_gen[i] for i in range(len(gen))) for r in real])
+    return precision, recall
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_matches_brute_force(k):
+    real = _random_features(10, n=60, d=5)
+    gen = _random_features(11, n=50, d=5, shift=0.7, scale=1.3)
+    got = ev.precision_recall(torch.from_numpy(gen), torch.from_numpy(real), k=k)
+    assert got == pytest.approx(_brute_force_precision_recall(gen, real, k), abs=1e-12)
+
+
+def test_precision_recall_known_cases():
+    real = _random_features(12, n=200, d=4)
+    assert ev.precision_recall(real, real) == (1.0, 1.0)
+    assert ev.precision_recall(real + 100.0, real) == (0.0, 0.0)
+    # Samples from one half of the real points only: realistic (precision 1) but half the variety missing.
+    half = real[real[:, 0] > np.median(real[:, 0])]
+    precision, recall = ev.precision_recall(half, real)
+    assert precision == 1.0 and 0.4 < recall < 0.75, recall
+    with pytest.raises(ValueError, match="more than k=3"):
+        ev.precision_recall(real[:3], real)
+
+
+# -------------------------------------------------------------------------------- strict classifier
+
+def test_strict_classifier_is_the_recipe_and_its_recorded_accuracy_holds(test_slice):
+    from harmonica.testbed.classifier import RECIPES
+
+    assert RECIPES["strict"].max_shift == 0 and RECIPES["strict"].label_smoothing == 0.0
+    images, labels = test_slice
+    strict = ev.load_classifier("cpu", "strict")
+    assert strict is not ev.load_classifier("cpu", "fid")
+    acc = ev.classifier_accuracy(images, labels, strict)
+    # The metadata holds the accuracy on all 10,000 test images; 2,000 of them agree to sampling error.
+    assert abs(acc - ev.classifier_test_accuracy("strict")) < 0.02
+    assert ev.classifier_test_accuracy("strict") > 0.9 and ev.classifier_test_accuracy("fid") > 0.9
+    with pytest.raises(ValueError, match="not a bundled classifier"):
+        ev.load_classifier("cpu", "lenient")
+
+
+def test_quality_of_real_images(test_slice):
+    images, labels = test_slice
+    q = ev.quality(images[:500], labels[:500], reference=images[:500])
+    assert q["num_samples"] == 500
+    # Real test images: FID near the small-N floor, accuracies near each classifier's own test accuracy.
+    assert q["fid_fmnist"] < 1.0
+    assert 0.9 < q["accuracy_rel"] < 1.1 and 0.9 < q["strict_accuracy_rel"] < 1.1
+    assert q["accuracy_rel"] == pytest.approx(q["accuracy"] / ev.classifier_test_accuracy("fid"))
+    assert q["precision"] > 0.6 and q["recall"] > 0.6
+    assert q["psnr"] == 1e3 and q["ssim"] == pytest.approx(1.0)
+    noise = torch.rand(500, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    qn = ev.quality(noise, labels[:500], precision_recall_k=None, strict=False)
+    assert qn["fid_fmnist"] > 20 * q["fid_fmnist"] and "precision" not in qn and "strict_accuracy" not in qn

@@ -1,6 +1,8 @@
 """The bundled testbed: data loader, checkpoints, training resume, and the shipped weights."""
 
 import gzip
+import json
+import math
 import os
 
 import numpy as np
@@ -97,6 +99,55 @@ def test_dit_training_resume_is_exact(tmp_path):
     assert meta["step"] == 2 and resumed.keys() == straight.keys()
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0, msg=k)
+
+
+def test_dit_run_with_held_out_evaluation_writes_best_weights_and_curves(tmp_path):
+    """A short run with evaluations and --out: the files a remote (GPU) run brings back, and the
+    export from them that the bundled weights go through."""
+    from harmonica.testbed import curves
+    from harmonica.testbed.train import export_dit, load_exported_weights, main
+
+    out = tmp_path / "out"
+    main(["--what", "dit", "--run-dir", str(tmp_path / "run"), "--dit-steps", "3", "--batch-size", "4",
+          "--warmup", "2", "--log-every", "1", "--eval-every", "2", "--eval-samples", "12",
+          "--eval-loss-images", "16", "--final-guidance", "2", "--out", str(out)])
+    doc = curves.load(out / "dit_L8-d128-p4_curves.json")
+    # Evaluated at step 2 and, since training stopped between intervals, at the last step.
+    assert [e["step"] for e in doc["evals"]] == [2, 3]
+    assert [r["step"] for r in doc["train"]] == [1, 2, 3]
+    for key in ("test_loss", "fid_fmnist", "accuracy", "accuracy_rel", "precision", "recall"):
+        assert all(math.isfinite(e[key]) for e in doc["evals"]), key
+    assert list(doc["guidance_sweep"]["rows"]) == ["2"]
+    best_eval = min(doc["evals"], key=lambda e: e["fid_fmnist"])
+    state, config, meta = load_exported_weights(out / "dit_L8-d128-p4.safetensors", "best")
+    assert meta["best_eval"] == best_eval and config["num_layers"] == 8
+    assert all(v.dtype == torch.float16 for v in state.values())
+    last, _, _ = load_exported_weights(out / "dit_L8-d128-p4.safetensors", "last")
+    assert state.keys() == last.keys()
+    # The run directory's checkpoint holds the same best EMA weights (fp32 there).
+    tensors, _ = ckpt.load(tmp_path / "run" / "dit" / "ckpt.safetensors")
+    for k, v in state.items():
+        torch.testing.assert_close(tensors["best." + k].half(), v, rtol=0, atol=0)
+    target = export_dit(out / "dit_L8-d128-p4.safetensors", tmp_path / "assets", "best")
+    info = json.loads((target / "training.json").read_text())
+    assert info["step"] == best_eval["step"] and info["weights"] == "best"
+    bed = tb.load(dit_dir=target)
+    for k, v in bed.transformer.state_dict().items():
+        torch.testing.assert_close(v, state[k].float(), rtol=0, atol=0)
+    assert "| run |" in curves.summary([doc])
+    assert curves.plot([doc], tmp_path / "curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("name", list(__import__("harmonica.testbed.model", fromlist=["x"]).ARCHITECTURES))
+def test_candidate_architectures_build_as_named(name):
+    from harmonica.testbed.model import architecture_config, build_dit
+
+    blocks, width, patch = (int(part[1:]) for part in name.split("-"))
+    model = build_dit(architecture_config(name))
+    assert len(model.transformer_blocks) == blocks and model.config.patch_size == patch
+    assert model.config.num_attention_heads * model.config.attention_head_dim == width
+    with pytest.raises(ValueError, match="unknown testbed architecture 'L9'"):
+        architecture_config("L9")
 
 
 # --------------------------------------------------------------------------------- bundled weights
