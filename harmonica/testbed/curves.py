@@ -40,8 +40,10 @@ def summary(docs: list[dict]) -> str:
              "strict accuracy (rel) | precision | recall |", "|" + "---|" * 11]
     for doc in docs:
         evals, train = doc["evals"], doc["train"]
-        steps = train[-1]["step"] if train else 0
-        rate = steps / train[-1]["train_wall_s"] if train and train[-1]["train_wall_s"] else float("nan")
+        # The last record of either kind (a short run may end before its first training-log line).
+        last = max(train[-1:] + evals[-1:], key=lambda r: r["step"], default={"step": 0, "train_wall_s": 0})
+        steps = last["step"]
+        rate = steps / last["train_wall_s"] if last["train_wall_s"] else float("nan")
         if not evals:
             lines.append(f"| {run_label(doc)} | {doc['device']} | {steps} | {rate:.1f} |" + " - |" * 7)
             continue
