@@ -49,7 +49,7 @@ def _schedule_from(path: str, threshold: float | None):
 
     plan = _load_plan(path)
     if isinstance(plan, Router):
-        return plan.to_schedule(threshold if threshold is not None else plan.metadata.get("threshold", 0.1))
+        return plan.to_schedule(threshold)
     return plan
 
 
@@ -94,7 +94,7 @@ def cmd_demo(args) -> int:
                        target_speedup=args.target_speedup, seed=args.seed, out=out / "router.safetensors")
     else:
         router = _bundled_router("harmonica", args.scheduler, args.steps)
-    schedule = router.to_schedule(router.metadata.get("threshold", 0.1))
+    schedule = router.to_schedule()
     labels = torch_arange_labels(args.num_images, len(bed.class_names))
     log.info("sampling %d images with and without the cache (%s, %d steps, guidance %.1f)",
              args.num_images, args.scheduler, args.steps, args.guidance)
@@ -118,7 +118,7 @@ def cmd_demo(args) -> int:
                     column_labels=[bed.class_names[int(y)] for y in labels[:n_show]],
                     title=f"same noise, {args.steps} {args.scheduler} steps; cached: CUR {schedule.cache_usage:.0%}, "
                           f"{summary['measured_speedup']:.2f}x faster")
-    plot_schedule(router, out / "schedule.png", threshold=router.metadata.get("threshold", 0.1),
+    plot_schedule(router, out / "schedule.png",
                   title=f"HarmoniCa router, testbed DiT, {args.scheduler} {args.steps} steps")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"cache usage {summary['cache_usage']:.1%} | speedup {summary['measured_speedup']:.2f}x measured, "
@@ -140,9 +140,7 @@ def cmd_plot(args) -> int:
     from .viz import plot_schedule
 
     plan = _load_plan(args.schedule)
-    threshold = args.threshold if args.threshold is not None else (
-        plan.metadata.get("threshold", 0.1) if isinstance(plan, Router) else 0.1)
-    path = plot_schedule(plan, args.out, threshold=threshold, title=args.title)
+    path = plot_schedule(plan, args.out, threshold=args.threshold, title=args.title)
     print(f"wrote {path}")
     return 0
 
@@ -159,7 +157,7 @@ def cmd_sample(args) -> int:
         schedule = _schedule_from(args.schedule, args.threshold)
     else:
         router = _bundled_router("harmonica", args.scheduler, args.steps or 20)
-        schedule = router.to_schedule(router.metadata.get("threshold", 0.1))
+        schedule = router.to_schedule()
     schedule.check_compatible(num_steps=args.steps or schedule.num_steps,
                               num_blocks=len(bed.transformer.transformer_blocks))
     labels = torch_arange_labels(args.num_images, len(bed.class_names))

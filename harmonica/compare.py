@@ -74,11 +74,6 @@ class ComparisonTable:
         return head + "\n".join(lines) + "\n"
 
 
-def _router_schedule(router: Router) -> Schedule:
-    threshold = router.metadata.get("threshold")
-    return router.to_schedule(0.1 if threshold is None else threshold)
-
-
 def _generate(bed, labels, row: Row, *, seed: int, guidance: float, sampler: str, batch_size: int):
     from .testbed import generate
 
@@ -136,7 +131,7 @@ def compare(
         if router.num_steps != steps:
             raise ValueError(f"router {name!r} has {router.num_steps} steps but the table samples {steps}; "
                              f"pass steps={router.num_steps} or a router trained for {steps} steps")
-        cached.append(Row(name, steps, _router_schedule(router)))
+        cached.append(Row(name, steps, router.to_schedule()))
     for row in cached:
         row.cur = row.schedule.cache_usage
         row.theoretical_speedup = row.schedule.theoretical_speedup(cost)
