@@ -148,6 +148,29 @@ def check_fits(
         raise ValueError(f"incompatible {what}: " + "; ".join(problems))
 
 
+class _Plan:
+    """What Schedule and Router share: a (num_steps, num_blocks) plan checked against a model."""
+
+    __slots__ = ()
+    _what = "plan"
+
+    def check_compatible(
+        self,
+        *,
+        num_blocks: Optional[int] = None,
+        model_class: Optional[str] = None,
+        block_width: Optional[int] = None,
+        num_steps: Optional[int] = None,
+    ) -> None:
+        """Raise ValueError listing every mismatch with the model/sampler about to use this plan.
+
+        Arguments left None are not checked; model_class and block_width are also skipped when the
+        plan does not record them (hand-made masks, baselines).
+        """
+        check_fits(self, self._what, num_steps=num_steps, num_blocks=num_blocks, model_class=model_class,
+                   block_width=block_width)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelCost:
     """FLOPs of one model evaluation, split into what caching can and cannot skip.
@@ -182,10 +205,11 @@ class ModelCost:
         return full / (num_steps * self.fixed + attn_computes * self.attn + mlp_computes * self.mlp)
 
 
-class Schedule:
+class Schedule(_Plan):
     """An immutable caching plan: bool (T, L, 2), True = compute and refresh the slot, False = reuse."""
 
     __slots__ = ("_mask", "_metadata")
+    _what = "schedule"
 
     def __init__(self, mask: torch.Tensor, *, metadata: Optional[Mapping[str, Any]] = None):
         if not isinstance(mask, torch.Tensor):
@@ -329,22 +353,6 @@ class Schedule:
 
     # -- compatibility ---------------------------------------------------------------------------
 
-    def check_compatible(
-        self,
-        *,
-        num_blocks: Optional[int] = None,
-        model_class: Optional[str] = None,
-        block_width: Optional[int] = None,
-        num_steps: Optional[int] = None,
-    ) -> None:
-        """Raise ValueError listing every mismatch with the model/sampler about to use this schedule.
-
-        Arguments left None are not checked; model_class and block_width are also skipped when the
-        schedule does not record them (hand-made masks, baselines).
-        """
-        check_fits(self, "schedule", num_steps=num_steps, num_blocks=num_blocks, model_class=model_class,
-                   block_width=block_width)
-
     # -- I/O ------------------------------------------------------------------------------------
 
     def save(self, path) -> None:
@@ -396,13 +404,15 @@ class Schedule:
         return f"Schedule(T={self.num_steps}, L={self.num_blocks}, CUR={self.cache_usage:.2%})"
 
 
-class Router(torch.nn.Module):
+class Router(_Plan, torch.nn.Module):
     """Learned static schedule: logits (T, L, 2), weight = sigmoid(logits), compute iff weight > threshold.
 
     Row 0 (the first step) always computes: weights() pins it to exactly 1.0, so its logits get zero
     gradient and are never trained; their stored values are irrelevant. The reference code instead
     stores 5.0 there; pinning in weights() keeps the invariant without relying on what the logits hold.
     """
+
+    _what = "router"
 
     def __init__(self, logits: torch.Tensor, *, metadata: Optional[Mapping[str, Any]] = None):
         super().__init__()
@@ -560,18 +570,6 @@ class Router(torch.nn.Module):
         if not bool(torch.isfinite(tensor).all()):
             raise fail("tensor 'logits' contains NaN or infinite values")
         return cls(tensor, metadata=_user_metadata(document))
-
-    def check_compatible(
-        self,
-        *,
-        num_blocks: Optional[int] = None,
-        model_class: Optional[str] = None,
-        block_width: Optional[int] = None,
-        num_steps: Optional[int] = None,
-    ) -> None:
-        """As :meth:`Schedule.check_compatible`."""
-        check_fits(self, "router", num_steps=num_steps, num_blocks=num_blocks, model_class=model_class,
-                   block_width=block_width)
 
     def extra_repr(self) -> str:
         return f"T={self.num_steps}, L={self.num_blocks}"

@@ -13,8 +13,8 @@ from diffusers import DDIMScheduler, DiTPipeline, PixArtAlphaPipeline, PixArtSig
 import harmonica as hc
 from harmonica.cache.install import BlockForward
 from harmonica.sampling import denoise, sample
-from tiny import (BLOCKS, MODELS, SCHEDULES, STEPS, HookedReference, dit_conditioning, make_dit, make_vae,
-                  pixart_pipeline, pixart_pipeline_kwargs, random_schedule, reference_sample, rel_err)
+from tiny import (BLOCKS, MODELS, SCHEDULES, STEPS, dit_conditioning, dit_pipeline, hooked_pipeline_run, make_dit,
+                  make_vae, pixart_pipeline, pixart_pipeline_kwargs, random_schedule, reference_sample, rel_err)
 
 
 # ---------------------------------------------------------------------------------- equivalence
@@ -65,23 +65,12 @@ def test_pixart_pipeline_full_schedule_matches_unpatched(pipeline_cls):
 def test_pipeline_loop_follows_schedule_across_calls():
     """Inside the pipeline's own loop (steps tracked through its scheduler), twice in a row."""
     schedule = random_schedule(1)
-    pipe = DiTPipeline(transformer=make_dit(), vae=make_vae(), scheduler=DDIMScheduler())
-    ref = HookedReference(pipe.transformer, schedule.mask)
-    original_step = pipe.scheduler.step
-
-    def counting_step(*args, **kwargs):
-        out = original_step(*args, **kwargs)
-        ref.step += 1
-        return out
-
-    pipe.scheduler.step = counting_step
-    kwargs = dict(class_labels=[3], num_inference_steps=STEPS, guidance_scale=2.0, output_type="np")
-    expected = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
-    ref.remove()
-    del pipe.scheduler.step
+    kwargs = lambda: dict(class_labels=[3], num_inference_steps=STEPS, guidance_scale=2.0, output_type="np")  # noqa: E731
+    expected = hooked_pipeline_run(dit_pipeline(), kwargs, schedule)
+    pipe = dit_pipeline()
     hc.enable_cache(pipe, schedule)
     for _ in range(2):  # the second call must start again at step 0
-        got = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+        got = pipe(**kwargs(), generator=torch.Generator().manual_seed(0)).images
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -13,13 +13,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiTPipeline, DPMSolverMultistepScheduler, PixArtAlphaPipeline
+from diffusers import DDIMScheduler, DiTPipeline
 
 import harmonica as hc
 from harmonica import ops
 from harmonica.cache.install import BlockForward
 from harmonica.sampling import denoise, guided, sample
-from tiny import (BLOCKS, STEPS, HookedReference, dit_conditioning, dit_pipeline, dit_pipeline_kwargs, make_dit,
+from tiny import (BLOCKS, STEPS, dit_conditioning, dit_pipeline, dit_pipeline_kwargs, hooked_pipeline_run, make_dit,
                   pixart_pipeline, pixart_pipeline_kwargs, random_schedule, rel_err)
 
 def pixart_latent_kwargs() -> dict:
@@ -36,21 +36,7 @@ def run(pipe, kwargs_fn, seed: int = 0) -> np.ndarray:
 
 
 def hooked_reference_run(pipe, kwargs_fn, schedule) -> np.ndarray:
-    """The pipeline's output under ``schedule`` computed by the independent HookedReference."""
-    ref = HookedReference(pipe.transformer, schedule.mask)
-    inner_step = pipe.scheduler.step
-
-    def counting_step(*args, **kwargs):
-        out = inner_step(*args, **kwargs)
-        ref.step += 1
-        return out
-
-    pipe.scheduler.step = counting_step
-    try:
-        return run(pipe, kwargs_fn)
-    finally:
-        ref.remove()
-        del pipe.scheduler.step
+    return np.asarray(hooked_pipeline_run(pipe, kwargs_fn, schedule))
 
 
 # ---------------------------------------------------------------------------------- diffusers hooks

@@ -150,3 +150,22 @@ def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
+
+
+def hooked_pipeline_run(pipe, kwargs_fn, schedule):
+    """A pipeline's output under ``schedule`` computed by HookedReference, its step advanced by the
+    pipeline's own scheduler."""
+    ref = HookedReference(pipe.transformer, schedule.mask)
+    inner_step = pipe.scheduler.step
+
+    def counting_step(*args, **kwargs):
+        out = inner_step(*args, **kwargs)
+        ref.step += 1
+        return out
+
+    pipe.scheduler.step = counting_step
+    try:
+        return pipe(**kwargs_fn(), generator=torch.Generator().manual_seed(0)).images
+    finally:
+        ref.remove()
+        del pipe.scheduler.step
