@@ -24,7 +24,7 @@ import torch
 
 from .apply import model_cost
 from .schedule import Router, Schedule
-from .timing import best_times, cached
+from .timing import best_times, cached, cached_copy
 
 __all__ = ["Row", "ComparisonTable", "compare", "main"]
 
@@ -74,9 +74,11 @@ class ComparisonTable:
         return head + "\n".join(lines) + "\n"
 
 
-def _router_schedule(router: Router) -> Schedule:
-    threshold = router.metadata.get("threshold")
-    return router.to_schedule(0.1 if threshold is None else threshold)
+def _time_row(bed, labels, row: Row, model, *, seed: int, guidance: float, sampler: str, batch_size: int):
+    from .testbed import generate
+
+    generate(bed, labels, seed=seed, num_inference_steps=row.steps, guidance_scale=guidance, sampler=sampler,
+             batch_size=batch_size, transformer=model)
 
 
 def _generate(bed, labels, row: Row, *, seed: int, guidance: float, sampler: str, batch_size: int):
@@ -136,7 +138,7 @@ def compare(
         if router.num_steps != steps:
             raise ValueError(f"router {name!r} has {router.num_steps} steps but the table samples {steps}; "
                              f"pass steps={router.num_steps} or a router trained for {steps} steps")
-        cached.append(Row(name, steps, _router_schedule(router)))
+        cached.append(Row(name, steps, router.to_schedule()))
     for row in cached:
         row.cur = row.schedule.cache_usage
         row.theoretical_speedup = row.schedule.theoretical_speedup(cost)
@@ -165,7 +167,9 @@ def compare(
 
     timing_labels = labels[:timing_samples]
     timing_kw = dict(kw, batch_size=timing_samples)
-    seconds = best_times({row.method: functools.partial(_generate, bed, timing_labels, row, **timing_kw)
+    # Each cached row times its own copy of the model, enabled once, as a user's process runs it.
+    seconds = best_times({row.method: functools.partial(_time_row, bed, timing_labels, row,
+                                                        cached_copy(bed.transformer, row.schedule), **timing_kw)
                           for row in rows}, repeats=timing_repeats, warmup=False)
     for row in rows:
         row.seconds = seconds[row.method]

@@ -49,24 +49,58 @@ __all__ = [
 _ops = torch.ops.harmonica
 
 
+def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the eager composition (``x + gate * branch``) would have: torch's type promotion.
+
+    Mixed dtypes are what torch.autocast produces (a bf16 branch and gate on a float32 residual
+    stream); the kernels run in one dtype, so the wrappers promote mismatched inputs first.
+    """
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _promoted(dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def _check_in_place(name: str, x: torch.Tensor, dtype: torch.dtype) -> None:
+    if x.dtype != dtype:
+        raise ValueError(
+            f"harmonica.{name}: the result has dtype {dtype} (promoted from the inputs) but x, updated in place, "
+            f"has dtype {x.dtype}; use the out-of-place {name.rstrip('_')}"
+        )
+
+
 def cache_write(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Return ``x + gate * branch`` and store ``branch`` into ``cache`` (in place) in the same pass."""
+    """Return ``x + gate * branch`` and store ``branch`` into ``cache`` (in place) in the same pass.
+
+    Mixed input dtypes are promoted as torch promotes them; ``cache`` must have the promoted dtype."""
+    x, gate, branch = _promoted(result_dtype(x, gate, branch), x, gate, branch)
     return _ops.cache_write.default(x, gate, branch, cache)
 
 
 def cache_write_(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """``cache_write`` that updates ``x`` in place and returns it (no output allocation)."""
+    dtype = result_dtype(x, gate, branch)
+    _check_in_place("cache_write_", x, dtype)
+    gate, branch = _promoted(dtype, gate, branch)
     _ops.cache_write_.default(x, gate, branch, cache)
     return x
 
 
 def cache_read(x: torch.Tensor, gate: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Return ``x + gate * cache``: the residual add of a skipped branch."""
+    """Return ``x + gate * cache``: the residual add of a skipped branch (mixed dtypes promoted)."""
+    x, gate, cache = _promoted(result_dtype(x, gate, cache), x, gate, cache)
     return _ops.cache_read.default(x, gate, cache)
 
 
 def cache_read_(x: torch.Tensor, gate: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """``cache_read`` that updates ``x`` in place and returns it."""
+    dtype = result_dtype(x, gate, cache)
+    _check_in_place("cache_read_", x, dtype)
+    gate, cache = _promoted(dtype, gate, cache)
     _ops.cache_read_.default(x, gate, cache)
     return x
 
@@ -84,6 +118,7 @@ def blend(
         if not 0.0 <= float(w) <= 1.0:
             raise ValueError(f"harmonica.blend: `w` must lie in [0, 1] (a sigmoid routing weight), got {w}")
         w = torch.tensor(float(w), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    x, gate, fresh, cache = _promoted(result_dtype(x, gate, fresh, cache), x, gate, fresh, cache)
     return _ops.blend.default(x, gate, fresh, cache, w)
 
 
@@ -100,6 +135,7 @@ def gated_merge(
     Sample ``index[j]`` takes ``x + gate * branch_active[j]`` and refreshes its cache slot; every
     other sample takes ``x + gate * cache``. ``index`` must not repeat a sample.
     """
+    x, gate, branch_active = _promoted(result_dtype(x, gate, branch_active), x, gate, branch_active)
     return _ops.gated_merge.default(x, gate, branch_active, index, cache)
 
 
@@ -107,6 +143,9 @@ def gated_merge_(
     x: torch.Tensor, gate: torch.Tensor, branch_active: torch.Tensor, index: torch.Tensor, cache: torch.Tensor
 ) -> torch.Tensor:
     """``gated_merge`` that updates ``x`` in place and returns it."""
+    dtype = result_dtype(x, gate, branch_active)
+    _check_in_place("gated_merge_", x, dtype)
+    gate, branch_active = _promoted(dtype, gate, branch_active)
     _ops.gated_merge_.default(x, gate, branch_active, index, cache)
     return x
 

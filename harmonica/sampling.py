@@ -108,7 +108,7 @@ def denoise(
 
     ``model_fn(x, t, step)`` returns the noise prediction used to advance; ``step`` is the model
     evaluation index. Cached transformers follow the run through the scheduler's ``set_timesteps``
-    and ``step`` calls (see :meth:`harmonica.cache.CacheState.driven_by`), exactly as inside a
+    and ``step`` calls (see :meth:`harmonica.cache.CacheRuntime.driven_by`), exactly as inside a
     diffusers pipeline.
     """
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -139,8 +139,10 @@ def sample(
     ``{"class_labels": labels}`` for DiT or ``{"encoder_hidden_states": e, "encoder_attention_mask": m,
     "added_cond_kwargs": {...}}`` for PixArt.
     """
-    state = getattr(transformer, "_harmonica_cache", None)
-    with torch.no_grad(), (state.driven_by(scheduler) if state is not None else nullcontext()):
+    from .apply import get_cache_state
+
+    runtime = get_cache_state(transformer)
+    with torch.no_grad(), (runtime.driven_by(scheduler) if runtime is not None else nullcontext()):
         return denoise(
             guided(transformer, cond, uncond, guidance_scale),
             scheduler,

@@ -19,15 +19,16 @@ import os
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+from . import formats
 
 __all__ = ["BRANCHES", "ModelCost", "Router", "Schedule"]
 
 BRANCHES = ("attn", "mlp")
 
-FORMAT_VERSION = 1
-_HEADER_KEY = "harmonica"
+# The one default: compute a unit iff its router weight exceeds this (the reference code's tau).
+# Routers record the threshold they were trained to, and Router.to_schedule() uses that one.
+DEFAULT_THRESHOLD = 0.1
 # Written by save() from the tensor itself; user metadata may not shadow them.
 _STRUCTURAL_KEYS = frozenset({"format_version", "kind", "num_steps", "num_blocks", "cache_usage"})
 # Present (possibly None) in every metadata dict, so consumers can index them without .get().
@@ -71,66 +72,24 @@ def _normalized_metadata(metadata: Optional[Mapping[str, Any]], required: tuple,
 
 
 # ----------------------------------------------------------------------------------------------
-# file format, shared by Schedule and Router
-
-
-def _write(path, kind: str, tensor_name: str, tensor: torch.Tensor, document: dict) -> None:
-    document = {"format_version": FORMAT_VERSION, "kind": kind, **document}
-    try:
-        header = json.dumps(document, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"cannot save {kind} to {path}: metadata is not JSON-serialisable ({e})") from e
-    save_file({tensor_name: tensor.detach().cpu().contiguous()}, os.fspath(path), metadata={_HEADER_KEY: header})
-
-
-def _file_error(kind: str, path, problem: str) -> ValueError:
-    return ValueError(f"cannot load {kind} from {os.fspath(path)}: {problem}")
+# file format (harmonica.formats), shared by Schedule and Router
 
 
 def _read(path, kind: str, tensor_name: str, loader: str):
-    """Returns (tensor, document) after the checks common to every kind: header, version, kind, shape."""
-    path = os.fspath(path)
+    """(tensor, document) after the checks common to both kinds: one tensor, its shape in the header."""
+    tensors, document = formats.read(path, kind, loader=loader)
 
     def fail(problem: str) -> ValueError:
         return _file_error(kind, path, problem)
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            names = sorted(f.keys())
-            tensor = f.get_tensor(tensor_name) if names == [tensor_name] else None
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # safetensors raises its own SafetensorError for corrupt files
-        raise fail(f"not a readable safetensors file ({e})") from e
-
-    if _HEADER_KEY not in header:
-        raise fail(
-            f"the safetensors header has no {_HEADER_KEY!r} metadata entry; "
-            f"only files written by {loader.split('.')[0]}.save() can be loaded"
-        )
-    try:
-        document = json.loads(header[_HEADER_KEY])
-    except json.JSONDecodeError as e:
-        raise fail(f"the {_HEADER_KEY!r} header entry is not valid JSON ({e})") from e
-    if not isinstance(document, dict):
-        raise fail(f"the {_HEADER_KEY!r} header entry must be a JSON object, got {type(document).__name__}")
-
-    version = document.get("format_version")
-    if version != FORMAT_VERSION or isinstance(version, bool):
-        newer = isinstance(version, int) and version > FORMAT_VERSION
-        hint = "upgrade harmonica to read it" if newer else "it was not written by a compatible harmonica"
-        raise fail(f"format_version {version!r} is not supported (this harmonica reads {FORMAT_VERSION}); {hint}")
-    if document.get("kind") != kind:
-        other = document.get("kind")
-        hint = f"; load it with {other.capitalize()}.load()" if other in ("schedule", "router") else ""
-        raise fail(f"the file holds kind {other!r}, expected {kind!r}{hint}")
     for key in ("num_steps", "num_blocks"):
         value = document.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise fail(f"{key} must be a positive int, got {value!r}")
-    if tensor is None:
+    names = sorted(tensors)
+    if names != [tensor_name]:
         raise fail(f"expected exactly one tensor named {tensor_name!r}, found {names}")
+    tensor = tensors[tensor_name]
     expected_shape = (document["num_steps"], document["num_blocks"], 2)
     if tuple(tensor.shape) != expected_shape:
         raise fail(
@@ -140,11 +99,76 @@ def _read(path, kind: str, tensor_name: str, loader: str):
     return tensor, document
 
 
+def _file_error(kind: str, path, problem: str) -> ValueError:
+    return formats.FileFormatError(f"cannot load {kind} from {os.fspath(path)}: {problem}")
+
+
 def _user_metadata(document: dict) -> dict:
     return {k: v for k, v in document.items() if k not in _STRUCTURAL_KEYS}
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def check_fits(
+    plan,
+    what: str,
+    *,
+    num_steps: Optional[int] = None,
+    num_blocks: Optional[int] = None,
+    model_class: Optional[str] = None,
+    block_width: Optional[int] = None,
+) -> None:
+    """The one compatibility check of a Schedule or Router (``plan``) against a model and sampler.
+
+    Raises ValueError listing every mismatch, each with its fix. Arguments left None are not checked;
+    model_class and block_width also pass when ``plan`` does not record them (hand-made plans).
+    """
+    problems = []
+    if num_steps is not None and num_steps != plan.num_steps:
+        problems.append(
+            f"{what} has {plan.num_steps} steps but the sampler runs {num_steps}; pass "
+            f"num_inference_steps={plan.num_steps} or use a {what} made for {num_steps} steps "
+            f"(e.g. train a router with num_steps={num_steps})"
+        )
+    if num_blocks is not None and num_blocks != plan.num_blocks:
+        problems.append(
+            f"{what} has {plan.num_blocks} blocks but the model has {num_blocks}; "
+            f"use a {what} made for a {num_blocks}-block model"
+        )
+    recorded_class = plan.metadata.get("model_class")
+    if model_class is not None and recorded_class is not None and model_class != recorded_class:
+        problems.append(f"{what} was made for {recorded_class} but the model is {model_class}; "
+                        f"use a {what} trained on {model_class}")
+    recorded_width = plan.metadata.get("block_width")
+    if block_width is not None and recorded_width is not None and block_width != recorded_width:
+        problems.append(f"{what} was made for blocks of width {recorded_width} but the model's width is "
+                        f"{block_width}; use a {what} trained on this model")
+    if problems:
+        raise ValueError(f"incompatible {what}: " + "; ".join(problems))
+
+
+class _Plan:
+    """What Schedule and Router share: a (num_steps, num_blocks) plan checked against a model."""
+
+    __slots__ = ()
+    _what = "plan"
+
+    def check_compatible(
+        self,
+        *,
+        num_blocks: Optional[int] = None,
+        model_class: Optional[str] = None,
+        block_width: Optional[int] = None,
+        num_steps: Optional[int] = None,
+    ) -> None:
+        """Raise ValueError listing every mismatch with the model/sampler about to use this plan.
+
+        Arguments left None are not checked; model_class and block_width are also skipped when the
+        plan does not record them (hand-made masks, baselines).
+        """
+        check_fits(self, self._what, num_steps=num_steps, num_blocks=num_blocks, model_class=model_class,
+                   block_width=block_width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,11 +194,22 @@ class ModelCost:
         if self.attn + self.mlp + self.fixed <= 0:
             raise ValueError("ModelCost must have a positive total (attn + mlp + fixed), got all zeros")
 
+    def speedup(self, num_steps: int, num_blocks: int, attn_computes: float, mlp_computes: float) -> float:
+        """FLOPs of ``num_steps`` uncached evaluations over those of a run in which the attn and mlp
+        branches compute ``attn_computes`` and ``mlp_computes`` times in all (over every step and block).
 
-class Schedule:
+        The one speedup arithmetic of the package: hard schedules pass their counts, router training
+        its expected counts (the sums of the weights).
+        """
+        full = num_steps * (self.fixed + num_blocks * (self.attn + self.mlp))
+        return full / (num_steps * self.fixed + attn_computes * self.attn + mlp_computes * self.mlp)
+
+
+class Schedule(_Plan):
     """An immutable caching plan: bool (T, L, 2), True = compute and refresh the slot, False = reuse."""
 
     __slots__ = ("_mask", "_metadata")
+    _what = "schedule"
 
     def __init__(self, mask: torch.Tensor, *, metadata: Optional[Mapping[str, Any]] = None):
         if not isinstance(mask, torch.Tensor):
@@ -270,7 +305,8 @@ class Schedule:
         )
 
     @classmethod
-    def from_router(cls, router: "Router", threshold: float = 0.1) -> "Schedule":
+    def from_router(cls, router: "Router", threshold: Optional[float] = None) -> "Schedule":
+        """``router.to_schedule(threshold)``: by default at the threshold the router was trained to."""
         return router.to_schedule(threshold)
 
     # -- accessors ------------------------------------------------------------------------------
@@ -312,52 +348,10 @@ class Schedule:
         """FLOPs of the uncached run divided by FLOPs of this schedule's run."""
         if not isinstance(cost, ModelCost):
             raise TypeError(f"cost must be a harmonica ModelCost, got {type(cost).__name__}")
-        full = self.num_steps * (cost.fixed + self.num_blocks * (cost.attn + cost.mlp))
-        # Python ints and floats: exact counts, and the same arithmetic Router.threshold_for relies on.
-        spent = sum(cost.fixed + n_attn * cost.attn + n_mlp * cost.mlp for n_attn, n_mlp in self.computed_per_step().tolist())
-        return full / spent
+        attn, mlp = self._mask.sum(dim=(0, 1)).tolist()
+        return cost.speedup(self.num_steps, self.num_blocks, attn, mlp)
 
     # -- compatibility ---------------------------------------------------------------------------
-
-    def check_compatible(
-        self,
-        *,
-        num_blocks: Optional[int] = None,
-        model_class: Optional[str] = None,
-        block_width: Optional[int] = None,
-        num_steps: Optional[int] = None,
-    ) -> None:
-        """Raise ValueError listing every mismatch with the model/sampler about to use this schedule.
-
-        Arguments left None are not checked; model_class and block_width are also skipped when the
-        schedule does not record them (hand-made masks, baselines).
-        """
-        problems = []
-        if num_steps is not None and num_steps != self.num_steps:
-            problems.append(
-                f"schedule has {self.num_steps} steps but the sampler runs {num_steps}; pass "
-                f"num_inference_steps={self.num_steps} or use a schedule made for {num_steps} steps "
-                f"(e.g. train a router with num_steps={num_steps})"
-            )
-        if num_blocks is not None and num_blocks != self.num_blocks:
-            problems.append(
-                f"schedule has {self.num_blocks} blocks but the model has {num_blocks}; "
-                f"use a schedule made for a {num_blocks}-block model"
-            )
-        recorded_class = self._metadata.get("model_class")
-        if model_class is not None and recorded_class is not None and model_class != recorded_class:
-            problems.append(
-                f"schedule was made for {recorded_class} but the model is {model_class}; "
-                f"use a schedule trained on {model_class}"
-            )
-        recorded_width = self._metadata.get("block_width")
-        if block_width is not None and recorded_width is not None and block_width != recorded_width:
-            problems.append(
-                f"schedule was made for blocks of width {recorded_width} but the model's width is {block_width}; "
-                f"use a schedule trained on this model"
-            )
-        if problems:
-            raise ValueError("incompatible schedule: " + "; ".join(problems))
 
     # -- I/O ------------------------------------------------------------------------------------
 
@@ -368,7 +362,7 @@ class Schedule:
             "cache_usage": self.cache_usage,
             **self._metadata,
         }
-        _write(path, "schedule", "mask", self._mask.to(torch.uint8), document)
+        formats.write(path, "schedule", {"mask": self._mask.to(torch.uint8)}, document)
 
     @classmethod
     def load(cls, path) -> "Schedule":
@@ -410,13 +404,15 @@ class Schedule:
         return f"Schedule(T={self.num_steps}, L={self.num_blocks}, CUR={self.cache_usage:.2%})"
 
 
-class Router(torch.nn.Module):
+class Router(_Plan, torch.nn.Module):
     """Learned static schedule: logits (T, L, 2), weight = sigmoid(logits), compute iff weight > threshold.
 
     Row 0 (the first step) always computes: weights() pins it to exactly 1.0, so its logits get zero
     gradient and are never trained; their stored values are irrelevant. The reference code instead
     stores 5.0 there; pinning in weights() keeps the invariant without relying on what the logits hold.
     """
+
+    _what = "router"
 
     def __init__(self, logits: torch.Tensor, *, metadata: Optional[Mapping[str, Any]] = None):
         super().__init__()
@@ -430,6 +426,8 @@ class Router(torch.nn.Module):
             raise ValueError(
                 f"logits must have shape (num_steps >= 1, num_blocks >= 1, 2), got shape {tuple(logits.shape)}"
             )
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("logits must be finite; got NaN or infinite values (a diverged training run?)")
         self.logits = torch.nn.Parameter(logits.detach().clone())
         # Mutable on purpose: training records its config and achieved CUR/speedup here.
         self.metadata = _normalized_metadata(metadata, _ROUTER_KEYS, "Router")
@@ -474,8 +472,19 @@ class Router(torch.nn.Module):
         self.logits.clamp_(-bound, bound)
         return self
 
-    def to_schedule(self, threshold: float = 0.1) -> Schedule:
-        """Compute iff weight > threshold; step 0 always computes."""
+    @property
+    def threshold(self) -> float:
+        """The threshold this router was trained to (its metadata), else DEFAULT_THRESHOLD."""
+        recorded = self.metadata.get("threshold")
+        return DEFAULT_THRESHOLD if recorded is None else recorded
+
+    def to_schedule(self, threshold: Optional[float] = None) -> Schedule:
+        """Compute iff weight > threshold; step 0 always computes.
+
+        ``threshold=None`` uses :attr:`threshold`: the one training chose to meet its target speed.
+        """
+        if threshold is None:
+            threshold = self.threshold
         _check_threshold(threshold)
         with torch.no_grad():
             mask = (self.weights() > threshold).cpu()
@@ -547,7 +556,7 @@ class Router(torch.nn.Module):
         reserved = sorted(_STRUCTURAL_KEYS.intersection(self.metadata))
         if reserved:
             raise ValueError(f"cannot save router to {path}: metadata keys {reserved} are reserved; remove them")
-        _write(path, "router", "logits", self.logits.detach().float(), document)
+        formats.write(path, "router", {"logits": self.logits.detach().float()}, document)
 
     @classmethod
     def load(cls, path) -> "Router":

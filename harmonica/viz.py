@@ -23,13 +23,13 @@ def plot_schedule(
     schedule_or_router: Schedule | Router,
     path: str | Path,
     *,
-    threshold: float = 0.1,
+    threshold: float | None = None,
     title: str | None = None,
 ) -> Path:
     """Heatmap (steps x blocks) for the attn and mlp branches, plus the cache usage per step.
 
     A Router is drawn as its weights sigmoid(logits) with the schedule it gives at ``threshold``
-    outlined; a Schedule as its compute mask (1 = compute, 0 = reuse the cache).
+    (default: the one it was trained to) outlined; a Schedule as its compute mask (1 = compute, 0 = reuse the cache).
     """
     plt = _pyplot()
     if isinstance(schedule_or_router, Router):

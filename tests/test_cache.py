@@ -1,9 +1,6 @@
 """Drop-in cached inference for diffusers DiT and PixArt (enable_cache / disable_cache).
 
-The independent reference for any schedule is :class:`HookedReference`: it runs the *unpatched*
-diffusers model and, through forward hooks on each block's ``attn1`` and ``ff``, replaces a skipped
-branch's output by the one from the last step that computed it (the pre-gate branch output, which is
-exactly what those modules return). It shares no code with harmonica's cached block forwards.
+The independent reference for any schedule is :class:`tiny.HookedReference`.
 """
 
 from __future__ import annotations
@@ -11,129 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DiTPipeline,
-    DiTTransformer2DModel,
-    DPMSolverMultistepScheduler,
-    PixArtAlphaPipeline,
-    PixArtSigmaPipeline,
-    PixArtTransformer2DModel,
-    Transformer2DModel,
-)
+from diffusers import DDIMScheduler, DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline, Transformer2DModel
 
 import harmonica as hc
-from harmonica.sampling import denoise, guided, sample
-
-STEPS = 6
-BLOCKS = 3
-TEXT_TOKENS = 5
-CAPTION_DIM = 24
-
-
-def make_dit(seed: int = 0) -> DiTTransformer2DModel:
-    torch.manual_seed(seed)
-    # num_embeds_ada_norm=1000: DiTPipeline hard-codes the null class 1000 for CFG.
-    model = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-        num_layers=BLOCKS, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
-    )
-    return model.eval().requires_grad_(False)
-
-
-def make_pixart(seed: int = 0) -> PixArtTransformer2DModel:
-    torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=BLOCKS,
-        cross_attention_dim=32, caption_channels=CAPTION_DIM, sample_size=8, patch_size=2,
-    )
-    return model.eval().requires_grad_(False)
-
-
-def make_vae() -> AutoencoderKL:
-    torch.manual_seed(1)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,),
-        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",), norm_num_groups=8,
-    ).eval()
-
-
-def dit_conditioning(batch: int = 2):
-    labels = torch.arange(batch) % 7
-    return {"class_labels": labels}, {"class_labels": torch.full_like(labels, 1000)}
-
-
-def pixart_conditioning(batch: int = 2):
-    g = torch.Generator().manual_seed(3)
-    embeds = torch.randn(batch, TEXT_TOKENS, CAPTION_DIM, generator=g)
-    mask = torch.ones(batch, TEXT_TOKENS, dtype=torch.long)
-    mask[:, -1] = 0  # a padded text token: the mask must reach cross-attention
-    extra = {"resolution": None, "aspect_ratio": None}
-    cond = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask, "added_cond_kwargs": extra}
-    uncond = {"encoder_hidden_states": torch.zeros_like(embeds), "encoder_attention_mask": mask, "added_cond_kwargs": extra}
-    return cond, uncond
-
-
-MODELS = {"dit": (make_dit, dit_conditioning), "pixart": (make_pixart, pixart_conditioning)}
-
-
-def random_schedule(seed: int = 0, steps: int = STEPS, blocks: int = BLOCKS) -> hc.Schedule:
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(steps, blocks, 2, generator=g) < 0.5
-    mask[0] = True
-    return hc.Schedule(mask)
-
-
-SCHEDULES = {
-    "fora2": lambda: hc.Schedule.fora(STEPS, BLOCKS, interval=2),
-    "fora3": lambda: hc.Schedule.fora(STEPS, BLOCKS, interval=3),
-    "random": random_schedule,
-    "delta_dit": lambda: hc.Schedule.delta_dit(STEPS, BLOCKS, num_cached_blocks=2),
-}
-
-
-class HookedReference:
-    """The caching rule, implemented straightforwardly on the unpatched model with forward hooks."""
-
-    def __init__(self, model, mask: torch.Tensor):
-        self.mask, self.step, self.saved, self.handles = mask, 0, {}, []
-        for l, block in enumerate(model.transformer_blocks):
-            for b, module in enumerate((block.attn1, block.ff)):
-                self.handles.append(module.register_forward_hook(self._hook(l, b)))
-
-    def _hook(self, l, b):
-        def hook(module, args, output):
-            if bool(self.mask[self.step, l, b]):
-                self.saved[(l, b)] = output
-                return None
-            return self.saved[(l, b)]
-
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def reference_sample(model, schedule, latents, cond, uncond, guidance, steps=STEPS, scheduler=None):
-    ref = HookedReference(model, schedule.mask)
-    inner = guided(model, cond, uncond, guidance)
-
-    def model_fn(x, t, step):
-        ref.step = step
-        return inner(x, t, step)
-
-    try:
-        with torch.no_grad():
-            return denoise(model_fn, scheduler or DDIMScheduler(), latents, num_inference_steps=steps, progress=False)
-    finally:
-        ref.remove()
-
-
-def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return float((a - b).norm() / b.norm())
+from harmonica.cache.install import BlockForward
+from harmonica.sampling import denoise, sample
+from tiny import (BLOCKS, MODELS, SCHEDULES, STEPS, dit_conditioning, dit_pipeline, hooked_pipeline_run, make_dit,
+                  make_vae, pixart_pipeline, pixart_pipeline_kwargs, random_schedule, reference_sample, rel_err)
 
 
 # ---------------------------------------------------------------------------------- equivalence
@@ -172,23 +53,6 @@ def test_dit_pipeline_full_schedule_matches_unpatched():
     assert rel_err(got, expected) <= 1e-5
 
 
-def pixart_pipeline(cls=PixArtAlphaPipeline):
-    return cls(
-        tokenizer=None, text_encoder=None, vae=make_vae(), transformer=make_pixart(),
-        scheduler=DPMSolverMultistepScheduler(),
-    )
-
-
-def pixart_pipeline_kwargs():
-    cond, uncond = pixart_conditioning(1)
-    return dict(
-        prompt_embeds=cond["encoder_hidden_states"], prompt_attention_mask=cond["encoder_attention_mask"],
-        negative_prompt=None, negative_prompt_embeds=uncond["encoder_hidden_states"],
-        negative_prompt_attention_mask=uncond["encoder_attention_mask"], num_inference_steps=STEPS,
-        guidance_scale=4.5, height=8, width=8, use_resolution_binning=False, output_type="np",
-    )
-
-
 @pytest.mark.parametrize("pipeline_cls", [PixArtAlphaPipeline, PixArtSigmaPipeline], ids=lambda c: c.__name__)
 def test_pixart_pipeline_full_schedule_matches_unpatched(pipeline_cls):
     pipe = pixart_pipeline(pipeline_cls)
@@ -201,23 +65,12 @@ def test_pixart_pipeline_full_schedule_matches_unpatched(pipeline_cls):
 def test_pipeline_loop_follows_schedule_across_calls():
     """Inside the pipeline's own loop (steps tracked through its scheduler), twice in a row."""
     schedule = random_schedule(1)
-    pipe = DiTPipeline(transformer=make_dit(), vae=make_vae(), scheduler=DDIMScheduler())
-    ref = HookedReference(pipe.transformer, schedule.mask)
-    original_step = pipe.scheduler.step
-
-    def counting_step(*args, **kwargs):
-        out = original_step(*args, **kwargs)
-        ref.step += 1
-        return out
-
-    pipe.scheduler.step = counting_step
-    kwargs = dict(class_labels=[3], num_inference_steps=STEPS, guidance_scale=2.0, output_type="np")
-    expected = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
-    ref.remove()
-    del pipe.scheduler.step
+    kwargs = lambda: dict(class_labels=[3], num_inference_steps=STEPS, guidance_scale=2.0, output_type="np")  # noqa: E731
+    expected = hooked_pipeline_run(dit_pipeline(), kwargs, schedule)
+    pipe = dit_pipeline()
     hc.enable_cache(pipe, schedule)
     for _ in range(2):  # the second call must start again at step 0
-        got = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+        got = pipe(**kwargs(), generator=torch.Generator().manual_seed(0)).images
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -235,7 +88,7 @@ def test_cfg_as_two_calls_per_step_in_a_foreign_loop():
         u = model(x, timestep=ts, **uncond).sample[:, :4]
         return u + 2.5 * (c - u)
 
-    hc.enable_cache(model, schedule)
+    hc.enable_cache(model, schedule, calls_per_step=2)
     with torch.no_grad():
         for _ in range(2):
             got = denoise(two_calls, DDIMScheduler(), latents, num_inference_steps=STEPS, progress=False)
@@ -266,10 +119,10 @@ def test_per_sample_steps_follow_each_samples_row(family):
     hc.enable_cache(model, schedule)
     with torch.no_grad():
         got = []
-        for k, steps in enumerate(steps_per_call):
-            hc.set_sample_steps(model, steps)
-            got.append(call(model, inputs[k], steps, slice(None)))
-        hc.set_sample_steps(model, None)
+        with hc.per_sample(model) as serving:
+            for k, steps in enumerate(steps_per_call):
+                serving.steps = steps
+                got.append(call(model, inputs[k], steps, slice(None)))
         hc.disable_cache(model)
 
         for row, first_call in ((0, 0), (1, offset)):
@@ -284,12 +137,13 @@ def test_per_sample_steps_follow_each_samples_row(family):
 def test_per_sample_rejects_a_sample_that_skips_step_zero():
     model = make_dit()
     hc.enable_cache(model, hc.Schedule.fora(STEPS, BLOCKS))
-    hc.set_sample_steps(model, [0, 1])
-    with pytest.raises(RuntimeError, match="sample 1 is at step 1 .* never filled; start each sample at step 0"):
-        with torch.no_grad():
-            model(torch.randn(2, 4, 8, 8), timestep=torch.tensor([999, 899]), class_labels=torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match=r"sample steps must be in \[0, 6\)"):
-        hc.set_sample_steps(model, [0, 6])
+    with hc.per_sample(model) as serving:
+        serving.steps = [0, 1]
+        with pytest.raises(RuntimeError, match="sample 1 is at step 1 .* never filled; start each sample at step 0"):
+            with torch.no_grad():
+                model(torch.randn(2, 4, 8, 8), timestep=torch.tensor([999, 899]), class_labels=torch.tensor([0, 1]))
+        with pytest.raises(ValueError, match=r"steps must be .* ints in \[0, 6\)"):
+            serving.steps = [0, 6]
 
 
 # ---------------------------------------------------------------------------------- torch.compile
@@ -351,12 +205,14 @@ def test_model_cost_counts_the_real_matmuls():
 # ---------------------------------------------------------------------------------- enable / disable
 def test_disable_restores_the_original_forwards():
     model = make_dit()
-    cls_forward = type(model).forward
     block_forward = type(model.transformer_blocks[0]).forward
     hc.enable_cache(model, hc.Schedule.fora(STEPS, BLOCKS))
-    assert model.forward.__wrapped__.__func__ is cls_forward
+    # The transformer is only observed (torch module hooks); each block's own forward is replaced.
+    assert "forward" not in model.__dict__
+    assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+    assert all(isinstance(b.__dict__.get("forward"), BlockForward) for b in model.transformer_blocks)
     hc.disable_cache(model)
-    assert model.forward.__func__ is cls_forward and "forward" not in model.__dict__
+    assert "forward" not in model.__dict__ and not model._forward_pre_hooks and not model._forward_hooks
     for block in model.transformer_blocks:
         assert block.forward.__func__ is block_forward and "forward" not in block.__dict__
     assert hc.get_cache_state(model) is None
@@ -372,7 +228,7 @@ def test_enable_twice_is_an_error():
 
 
 def assert_untouched(model):
-    assert "forward" not in model.__dict__
+    assert "forward" not in model.__dict__ and not model._forward_pre_hooks
     assert all("forward" not in b.__dict__ for b in model.transformer_blocks)
     assert hc.get_cache_state(model) is None
 

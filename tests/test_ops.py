@@ -751,16 +751,20 @@ def test_error_branch_shape(tensors):
         ops.cache_write(x, gate, torch.randn(2, 4, 7), cache)
 
 
-def test_error_dtype_mismatch(tensors):
+def test_error_written_slot_of_another_dtype(tensors):
+    # Inputs are promoted like the eager composition, but a slot is written, never converted.
     x, gate, branch, cache = tensors
     with pytest.raises(RuntimeError, match=r"`cache` has dtype Half but `x` has dtype Float.*cache\.to\(x\.dtype\)"):
-        ops.cache_read(x, gate, cache.half())
+        ops.cache_write(x, gate, branch, cache.half())
 
 
-def test_error_gate_dtype_mismatch(tensors):
+def test_mixed_input_dtypes_are_promoted_and_in_place_refuses_a_dtype_change(tensors):
     x, gate, branch, cache = tensors
-    with pytest.raises(RuntimeError, match=r"`gate` has dtype BFloat16 but `x` has dtype Float"):
-        ops.cache_read(x, gate.bfloat16(), cache)
+    expected = torch.addcmul(x, gate.bfloat16().view(x.shape[0], 1, -1), cache.half())  # one rounding, float32
+    torch.testing.assert_close(ops.cache_read(x, gate.bfloat16(), cache.half()), expected)
+    with pytest.raises(ValueError, match=r"result has dtype torch.float32 .* x, updated in place, has dtype "
+                                         r"torch.bfloat16; use the out-of-place cache_read"):
+        ops.cache_read_(x.bfloat16(), gate, cache)
 
 
 @pytest.mark.parametrize("bad_gate_shape", [(2, 4, 8), (2, 9), (1, 8), (8,)], ids=str)

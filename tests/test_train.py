@@ -23,6 +23,7 @@ import harmonica as hc
 from harmonica.sampling import sample
 from harmonica.train import ClassConditioning, PromptConditioning, TrainConfig, train_router
 from harmonica.train.distributed import draw_int, draw_normal
+from harmonica.train.policies import SoftPolicy, TeacherPolicy
 
 
 # Tiny models: one intra-op thread (tests/conftest.py).
@@ -73,7 +74,8 @@ class CallRecorder:
     def hook(self, module, args, kwargs):
         state = hc.get_cache_state(module)
         x = args[0] if args else kwargs["hidden_states"]
-        self.calls.append((x.detach().clone(), state.bypass if state else None, torch.is_grad_enabled()))
+        teacher = isinstance(state.policy, TeacherPolicy) if state else None
+        self.calls.append((x.detach().clone(), teacher, torch.is_grad_enabled()))
 
     def remove(self):
         self.handle.remove()
@@ -115,22 +117,20 @@ def hand_written_sdt(model, router0, lam, *, beta, lr, guidance, batch, seed=0):
         out = model(torch.cat([x, x]), timestep=t.expand(2 * batch), class_labels=y, return_dict=False)[0]
         return out[:, :4]
 
+    soft = SoftPolicy(router.weights().detach(), 0.1)
     try:
-        with state.driven_by(sched):
+        with state.using(soft), state.driven_by(sched):
             sched.set_timesteps(STEPS)
             for i, t in enumerate(sched.timesteps):
                 xs.append(x.clone())
                 if i == 0:
                     with torch.no_grad():
-                        state.set_weights(router.weights().detach())
                         out = forward(x, t)
                 else:
-                    state.bypass = True
-                    with torch.no_grad():
+                    with state.using(TeacherPolicy(), keep_slots=True), torch.no_grad():
                         teacher = forward(x, t)
-                    state.bypass = False
                     w = router.weights()
-                    state.set_weights(w)
+                    soft.weights = w
                     out = forward(x, t)
                     loss = lam[i] * (out - teacher).pow(2).mean() + beta * w[i].sum()
                     opt.zero_grad()
@@ -180,11 +180,11 @@ def test_sdt_matches_hand_written_loop_and_follows_the_students_trajectory():
 
 def soft_sample(model, weights, x_T, labels, guidance=1.5):
     state = hc.enable_cache(model, hc.Schedule.full(STEPS, BLOCKS))
-    state.set_weights(weights)
     try:
-        return sample(model, ddim(), x_T, num_inference_steps=STEPS, cond={"class_labels": labels},
-                      uncond={"class_labels": torch.full_like(labels, NUM_CLASSES)}, guidance_scale=guidance,
-                      progress=False)
+        with state.using(SoftPolicy(weights, 0.1)):
+            return sample(model, ddim(), x_T, num_inference_steps=STEPS, cond={"class_labels": labels},
+                          uncond={"class_labels": torch.full_like(labels, NUM_CLASSES)}, guidance_scale=guidance,
+                          progress=False)
     finally:
         hc.disable_cache(model)
 
@@ -267,8 +267,12 @@ def test_beta_adaptation_moves_cur_toward_the_target():
                                                      beta_adapt_rate=1.0), callback=seen.append)
         final[target] = (seen[-1]["cur"], seen, trained)
     assert final[0.6][0] > start_cur > final[0.1][0]
-    # Relative to the same run with a fixed beta, adaptation moved CUR in the direction of each target.
-    assert final[0.6][0] > final[None][0] > final[0.1][0]
+    # Relative to the same run with a fixed beta, adaptation moved CUR in the direction of each target:
+    # the soft CUR it steers (the hard one only moves when a weight crosses the threshold; since the soft
+    # refresh follows TrainConfig.threshold, 20 updates leave the hard CUR of None and 0.1 equal).
+    soft = {target: run[1][-1]["soft_cur"] for target, run in final.items()}
+    assert soft[0.6] > soft[None] > soft[0.1]
+    assert final[0.6][0] > final[None][0] >= final[0.1][0]
     assert max(s["beta"] for s in final[0.6][1]) > 1e-2 > final[0.1][1][-1]["beta"]
     # The delivered threshold meets the target exactly as Router.threshold_for defines it.
     for target in (0.6, 0.1):
@@ -309,7 +313,7 @@ class Untouched:
     (dict(iepo_variant="both"), r"TrainConfig.iepo_variant"),
     (dict(target_cur=0.9), r"TrainConfig.target_cur: 0.9 is unreachable.*CUR 0.7500"),
     (dict(target_speedup=50.0), r"TrainConfig.target_speedup: 50.0 is unreachable"),
-    (dict(init_router=hc.Router.init(STEPS + 1, BLOCKS)), r"TrainConfig.init_router: .*5 steps but num_steps=4"),
+    (dict(init_router=hc.Router.init(STEPS + 1, BLOCKS)), r"TrainConfig.init_router: incompatible router: router has 5 steps but the sampler runs 4"),
     (dict(init_router=hc.Router.init(STEPS, BLOCKS + 1)), r"TrainConfig.init_router: .*3 blocks but the model has 2"),
     (dict(method="l2c"), r"TrainConfig.l2c_latents: L2C trains on real data"),
     (dict(conditioning=None), r"TrainConfig.conditioning"),
@@ -373,7 +377,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, method):
     assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint.safetensors"]
     with safe_open(str(tmp_path / "b" / "checkpoint.safetensors"), framework="pt") as f:
         assert {"logits", "lambda", "adam.exp_avg", "adam.exp_avg_sq", "adam.step"} <= set(f.keys())
-        assert json.loads(f.metadata()["harmonica_train"])["iteration"] == 5
+        header = json.loads(f.metadata()["harmonica"])
+        assert header["kind"] == "train_checkpoint" and header["iteration"] == 5
 
 
 def test_log_file_and_router_file_round_trip(tmp_path):

@@ -1,31 +1,71 @@
-"""Model-family adapters: how to find a transformer's blocks and run one cached block forward.
+"""Model-family adapters: everything harmonica knows about one family of diffusers transformers.
 
-An adapter is one small module with:
-
-* ``NAME`` and ``DESCRIPTION`` (for error messages listing what is supported);
-* ``matches(block) -> bool``: whether it can run this block;
-* ``block_forward(block, index, state, hidden_states, **block_kwargs)``: the block's forward with each
-  cacheable branch handed to ``state.run_branch`` (same keyword signature as diffusers'
-  ``BasicTransformerBlock.forward``);
-* ``model_cost(transformer, batch, height, width, text_tokens) -> ModelCost``: FLOPs from the real shapes.
-
-Adding SD3 / Sana / HunyuanDiT means adding one such module to ``ADAPTERS``.
+An adapter (the :class:`Adapter` protocol) finds nothing by itself; given a transformer whose blocks it
+matches, it says what the family is (:class:`ModelFacts`: depth, width, class or text conditioning,
+the null class), runs one cached block forward, and counts FLOPs. Nothing outside this package
+inspects blocks or model configs. Adding SD3 / Sana / HunyuanDiT means adding one adapter to ``ADAPTERS``.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+import dataclasses
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from . import dit, pixart
+from ..schedule import ModelCost
 
-ADAPTERS: tuple[ModuleType, ...] = (dit, pixart)
+__all__ = ["ADAPTERS", "Adapter", "BranchRunner", "ModelFacts", "find_adapter", "find_blocks", "model_facts",
+           "supported_models"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What callers may know about a supported transformer, read once by its adapter."""
+
+    family: str  # the adapter's name: "dit" or "pixart"
+    model_class: str
+    num_blocks: int
+    block_width: int
+    sample_size: int  # default input height/width (latent pixels)
+    in_channels: int
+    conditioning: str  # "class" (class labels + a null class for CFG) or "text" (prompt embeddings)
+    num_classes: Optional[int] = None  # class-conditioned: labels 0..num_classes-1
+    null_class: Optional[int] = None  # class-conditioned: the label of the unconditional embedding
+    text_dim: Optional[int] = None  # text-conditioned: width of the prompt embeddings it projects
+
+
+@runtime_checkable
+class BranchRunner(Protocol):
+    """What a cached block forward calls (the cache runtime)."""
+
+    def computes(self, block: int) -> tuple[bool, bool]: ...
+
+    def run_branch(self, block: int, branch: int, x: torch.Tensor, gate: torch.Tensor, branch_fn) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    name: str
+    description: str
+
+    def matches(self, block: nn.Module) -> bool:
+        """Whether this adapter can run ``block``."""
+
+    def facts(self, transformer: nn.Module) -> ModelFacts: ...
+
+    def block_forward(self, block: nn.Module, index: int, runner: BranchRunner, hidden_states: torch.Tensor,
+                      *args, **kwargs) -> torch.Tensor:
+        """The block's forward (same signature as the diffusers block's) with each cacheable branch
+        handed to ``runner.run_branch``."""
+
+    def model_cost(self, transformer: nn.Module, batch: int, height: int, width: int,
+                   text_tokens: Optional[int] = None) -> ModelCost: ...
 
 
 def supported_models() -> str:
-    return "; ".join(f"{a.NAME} ({a.DESCRIPTION})" for a in ADAPTERS)
+    return "; ".join(f"{a.name} ({a.description})" for a in ADAPTERS)
 
 
 def find_blocks(transformer: nn.Module) -> list[nn.Module]:
@@ -37,7 +77,7 @@ def find_blocks(transformer: nn.Module) -> list[nn.Module]:
     return list(blocks)
 
 
-def find_adapter(transformer: nn.Module) -> ModuleType:
+def find_adapter(transformer: nn.Module) -> Adapter:
     """The adapter that can run every block of ``transformer``, or a TypeError saying what is supported."""
     blocks = find_blocks(transformer)
     for adapter in ADAPTERS:
@@ -48,6 +88,16 @@ def find_adapter(transformer: nn.Module) -> ModuleType:
         f"{type(transformer).__name__} with blocks {', '.join(kinds)} is not supported; "
         f"harmonica supports: {supported_models()}"
     )
+
+
+def model_facts(transformer: nn.Module) -> ModelFacts:
+    """:class:`ModelFacts` of a supported transformer (TypeError listing what is supported otherwise)."""
+    if not isinstance(transformer, nn.Module):
+        raise TypeError(f"expected a diffusers transformer nn.Module, got {type(transformer).__name__}")
+    return find_adapter(transformer).facts(transformer)
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
 
 
 def rows(t: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
@@ -84,3 +134,14 @@ def branch_flops(block: nn.Module, tokens: int) -> tuple[float, float]:
     """
     elementwise = 8.0 * tokens * block.attn1.to_q.in_features
     return attention_flops(block.attn1, tokens, tokens) + elementwise, linear_flops(block.ff, tokens) + elementwise
+
+
+def block_width(block: nn.Module) -> int:
+    return block.attn1.to_q.in_features
+
+
+# Last: the adapters import the helpers above.
+from .dit import DiT  # noqa: E402
+from .pixart import PixArt  # noqa: E402
+
+ADAPTERS: tuple[Adapter, ...] = (DiT(), PixArt())

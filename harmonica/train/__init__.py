@@ -4,7 +4,7 @@
     router = train_router(transformer, scheduler, TrainConfig(
         method="harmonica", num_steps=20, conditioning=ClassConditioning(num_classes=1000, null_class=1000),
         guidance_scale=1.5, target_speedup=1.5))
-    schedule = router.to_schedule(router.metadata["threshold"])
+    schedule = router.to_schedule()
 """
 
 from .config import ClassConditioning, PromptConditioning, TrainConfig

@@ -1,4 +1,4 @@
-"""Training checkpoints: safetensors tensors + a JSON document, written atomically. No pickle.
+"""Training checkpoints, in harmonica's one file format (harmonica.formats: atomic, fsynced, no pickle).
 
 A checkpoint holds everything the next iteration depends on: router logits, the AdamW moments and
 step count, the IEPO lambda, beta and the iteration counter. Randomness needs no saved state (see
@@ -7,18 +7,15 @@ harmonica.train.distributed), so resuming reproduces the uninterrupted run bit f
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+from .. import formats
 
 FILE_NAME = "checkpoint.safetensors"
-_HEADER_KEY = "harmonica_train"
-FORMAT_VERSION = 1
+KIND = "train_checkpoint"
 # Settings that may change between an interrupted run and its resumption without changing the result.
 _RESUMABLE_CHANGES = {"iterations", "checkpoint_every", "batch_size", "world_size"}
 
@@ -29,20 +26,12 @@ def path_in(directory) -> Path:
 
 def save(directory, *, logits: torch.Tensor, optimizer: torch.optim.Optimizer, lam: torch.Tensor,
          document: dict[str, Any]) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {"logits": logits.detach().cpu().contiguous(), "lambda": lam.detach().cpu().contiguous()}
+    tensors = {"logits": logits, "lambda": lam}
     (param,) = optimizer.param_groups[0]["params"]
-    state = optimizer.state.get(param, {})
-    for key, value in state.items():
-        tensors[f"adam.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    header = json.dumps({"format_version": FORMAT_VERSION, **document}, allow_nan=False)
-    final = path_in(directory)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={_HEADER_KEY: header})
-    # os.replace is atomic: a reader (or a resume after a kill mid-write) sees the old or the new file.
-    os.replace(tmp, final)
-    return final
+    for key, value in optimizer.state.get(param, {}).items():
+        tensors[f"adam.{key}"] = torch.as_tensor(value)
+    # Atomic: a reader (or a resume after a kill mid-write) sees the old or the new checkpoint.
+    return formats.write(path_in(directory), KIND, tensors, document)
 
 
 def load(directory) -> tuple[dict[str, torch.Tensor], dict]:
@@ -52,16 +41,7 @@ def load(directory) -> tuple[dict[str, torch.Tensor], dict]:
             f"TrainConfig.resume: no checkpoint at {path}; the interrupted run writes one every "
             f"checkpoint_every iterations - set resume=False to start a new run"
         )
-    with safe_open(str(path), framework="pt") as f:
-        header = (f.metadata() or {}).get(_HEADER_KEY)
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if header is None:
-        raise ValueError(f"{path} is not a harmonica training checkpoint (no {_HEADER_KEY!r} header)")
-    document = json.loads(header)
-    if document.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {document.get('format_version')!r} is not supported "
-                         f"(this harmonica reads {FORMAT_VERSION})")
-    return tensors, document
+    return formats.read(path, KIND, loader="TrainConfig.resume")
 
 
 def check_resumable(document: dict, expected: dict, path) -> None:

@@ -12,7 +12,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ..schedule import ModelCost, Router, Schedule
+from ..adapters import ModelFacts
+from ..schedule import DEFAULT_THRESHOLD, ModelCost, Router, Schedule
 
 __all__ = ["ClassConditioning", "PromptConditioning", "TrainConfig", "METHODS", "IEPO_VARIANTS"]
 
@@ -160,7 +161,7 @@ class TrainConfig:
     beta_adapt_rate: float = 0.02
     iepo_refresh: int = 500
     iepo_variant: str = "paper"
-    threshold: float = 0.1
+    threshold: float = DEFAULT_THRESHOLD
     clamp: float = 5.0
     init_std: float = 1.0
     init_router: Optional[Router] = None
@@ -220,8 +221,7 @@ def max_reachable(num_steps: int, num_blocks: int, cost: ModelCost) -> tuple[flo
     return everything.cache_usage, everything.theoretical_speedup(cost)
 
 
-def validate(config: TrainConfig, *, sampler: str, num_blocks: int, model_class: str, block_width: int,
-             cost_fn: Callable[[], ModelCost], is_text_model: bool) -> ModelCost:
+def validate(config: TrainConfig, *, sampler: str, facts: ModelFacts, cost_fn: Callable[[], ModelCost]) -> ModelCost:
     """Raise ValueError naming the first bad field and the fix; does no model work.
 
     Returns the model's cost from ``cost_fn`` (called once the fields it depends on are known good)."""
@@ -266,10 +266,22 @@ def validate(config: TrainConfig, *, sampler: str, num_blocks: int, model_class:
         raise _fail("conditioning", f"must be ClassConditioning(num_classes, null_class) for DiT or "
                                     f"PromptConditioning(embeds, ...) for PixArt, got {type(cond).__name__}")
     cond.check()
-    if is_text_model and not isinstance(cond, PromptConditioning):
+    model_class, num_blocks = facts.model_class, facts.num_blocks
+    if facts.conditioning == "text" and not isinstance(cond, PromptConditioning):
         raise _fail("conditioning", f"{model_class} is text-conditioned; pass PromptConditioning(embeds, mask, ...)")
-    if not is_text_model and not isinstance(cond, ClassConditioning):
+    if facts.conditioning == "class" and not isinstance(cond, ClassConditioning):
         raise _fail("conditioning", f"{model_class} is class-conditioned; pass ClassConditioning(num_classes, null_class)")
+    if isinstance(cond, ClassConditioning):
+        if cond.num_classes > facts.num_classes:
+            raise _fail("conditioning", f"ClassConditioning.num_classes={cond.num_classes} but {model_class} has "
+                                        f"{facts.num_classes} classes; pass num_classes <= {facts.num_classes}")
+        if config.guidance_scale != 1.0 and cond.null_class != facts.null_class:
+            expected = ("this model has no unconditional label; train with guidance_scale=1" if facts.null_class is None
+                        else f"the model's unconditional label is {facts.null_class}; pass null_class={facts.null_class}")
+            raise _fail("conditioning", f"ClassConditioning.null_class={cond.null_class} is wrong: {expected}")
+    if isinstance(cond, PromptConditioning) and facts.text_dim is not None and cond.embeds.shape[-1] != facts.text_dim:
+        raise _fail("conditioning", f"PromptConditioning.embeds have width {cond.embeds.shape[-1]} but {model_class} "
+                                    f"expects text-encoder outputs of width {facts.text_dim} (caption_channels)")
     if isinstance(cond, PromptConditioning) and config.guidance_scale != 1.0 and cond.negative_embeds is None:
         raise _fail("conditioning", "guidance_scale != 1 needs PromptConditioning.negative_embeds (the encoded "
                                     "negative prompt); pass it or set guidance_scale=1")
@@ -296,7 +308,7 @@ def validate(config: TrainConfig, *, sampler: str, num_blocks: int, model_class:
         r = config.init_router
         if not isinstance(r, Router):
             raise _fail("init_router", f"must be a harmonica Router, got {type(r).__name__}")
-        _check_router_fits(r, "init_router", config.num_steps, num_blocks, model_class, block_width)
+        _check_router_fits(r, "init_router", config.num_steps, facts)
 
     if config.method == "l2c":
         x = config.l2c_latents
@@ -315,32 +327,9 @@ def validate(config: TrainConfig, *, sampler: str, num_blocks: int, model_class:
     return cost
 
 
-def _check_router_fits(router: Router, field: str, num_steps: int, num_blocks: int, model_class: str,
-                       block_width: int) -> None:
-    problems = []
-    if router.num_steps != num_steps:
-        problems.append(f"it has {router.num_steps} steps but num_steps={num_steps}")
-    if router.num_blocks != num_blocks:
-        problems.append(f"it has {router.num_blocks} blocks but the model has {num_blocks}")
-    recorded = router.metadata.get("model_class")
-    if recorded is not None and recorded != model_class:
-        problems.append(f"it was trained for {recorded}, the model is {model_class}")
-    width = router.metadata.get("block_width")
-    if width is not None and width != block_width:
-        problems.append(f"it was trained for block width {width}, the model's is {block_width}")
-    if problems:
-        raise _fail(field, "router does not fit this model/run: " + "; ".join(problems) +
-                    "; use a router trained for this model and step count, or none")
-
-
-def model_facts(transformer: torch.nn.Module) -> dict[str, Any]:
-    from ..adapters import find_adapter, find_blocks
-    from ..apply import block_width
-
-    adapter = find_adapter(transformer)
-    return {
-        "model_class": type(transformer).__name__,
-        "num_blocks": len(find_blocks(transformer)),
-        "block_width": block_width(transformer),
-        "is_text_model": adapter.NAME != "dit",
-    }
+def _check_router_fits(router: Router, field: str, num_steps: int, facts: ModelFacts) -> None:
+    try:
+        router.check_compatible(num_steps=num_steps, num_blocks=facts.num_blocks, model_class=facts.model_class,
+                                block_width=facts.block_width)
+    except ValueError as e:
+        raise _fail(field, f"{e}; use a router trained for this model and step count, or none") from None

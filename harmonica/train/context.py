@@ -8,17 +8,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..cache import CacheState
+from ..cache import CacheRuntime
 from ..schedule import Router
 from .config import TrainConfig
 from .distributed import World, all_reduce_mean_, draw_int, draw_normal, global_indices, seeded
+from .policies import SoftPolicy, TeacherPolicy
 
 
 @dataclass
 class Run:
     transformer: torch.nn.Module
     scheduler: object
-    state: CacheState
+    runtime: CacheRuntime
     router: Router
     optimizer: torch.optim.Optimizer
     config: TrainConfig
@@ -54,16 +55,17 @@ class Run:
         cond, uncond = self.config.conditioning.kwargs(choices, self.device)
         return cond, uncond
 
+    def soft(self, first_step: int = 0) -> SoftPolicy:
+        """The student policy at the router's current weights (no graph: the trajectory's own steps set
+        graph-carrying weights before each update)."""
+        return SoftPolicy(self.router.weights().detach(), self.config.threshold, first_step)
+
     def teacher(self, fn, x: torch.Tensor, t, step: int) -> torch.Tensor:
         """Full compute, no slot read or write, no graph: the uncached model's batched output."""
-        self.state.bypass = True
-        try:
-            with torch.no_grad():
-                return fn(x, t, step)[1]
-        finally:
-            self.state.bypass = False
+        with self.runtime.using(TeacherPolicy(), keep_slots=True), torch.no_grad():
+            return fn(x, t, step)[1]
 
-    def student_update(self, fn, x: torch.Tensor, t, step: int, teacher: torch.Tensor,
+    def student_update(self, fn, soft: SoftPolicy, x: torch.Tensor, t, step: int, teacher: torch.Tensor,
                        weight: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser update on the router from the soft forward at ``step``.
 
@@ -72,7 +74,7 @@ class Run:
         eps (detached, to advance the trajectory) and the MSE (detached, for logging).
         """
         w = self.router.weights()
-        self.state.set_weights(w)
+        soft.weights = w
         eps, student = fn(x, t, step)
         mse = F.mse_loss(student.float(), teacher.float())
         loss = weight * mse + self.beta * w[step].sum()

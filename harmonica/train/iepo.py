@@ -4,7 +4,7 @@ lambda_t weights step t's noise-prediction loss. It is refreshed every C iterati
 generation from the current iteration's x_T (and conditioning), all-reduced over processes, and
 treated as a constant.
 
-Generation uses the router softly (the training blend, cache refreshed where w > 0.1), as the
+Generation uses the router softly (the training blend, cache refreshed where w > threshold), as the
 reference code does: with hard decisions most steps would give exactly zero difference early in
 training, and the soft blend is what the loss trains.
 
@@ -27,19 +27,17 @@ import torch
 from ..sampling import denoise, guided
 from .context import Run
 from .distributed import all_reduce_mean_
+from .policies import SoftPolicy
 
 
 @torch.no_grad()
 def generate_soft(run: Run, x_T: torch.Tensor, cond, uncond, weights: torch.Tensor, iteration: int) -> torch.Tensor:
     """x_0 from x_T with the soft cache driven by ``weights`` (T, L, 2)."""
-    run.state.set_weights(weights)
-    try:
-        with run.state.driven_by(run.scheduler):
-            return denoise(guided(run.transformer, cond, uncond, run.config.guidance_scale), run.scheduler, x_T,
-                           num_inference_steps=run.num_steps, generator=run.sampler_generator(iteration),
-                           progress=False)
-    finally:
-        run.state.set_weights(None)
+    soft = SoftPolicy(weights, run.config.threshold)
+    with run.runtime.using(soft), run.runtime.driven_by(run.scheduler):
+        return denoise(guided(run.transformer, cond, uncond, run.config.guidance_scale), run.scheduler, x_T,
+                       num_inference_steps=run.num_steps, generator=run.sampler_generator(iteration),
+                       progress=False)
 
 
 def squared_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -38,22 +38,19 @@ def update(run: Run, iteration: int) -> dict:
 
     cond, uncond = run.conditioning(choices)
     fn = guided(run.transformer, cond, uncond, cfg.guidance_scale, raw=True)
-    scheduler, state = run.scheduler, run.state
-    try:
-        with state.driven_by(scheduler):
-            scheduler.set_timesteps(run.num_steps, device=run.device)
-            state.begin_run(first_step=k)
-            t_k, t_next = scheduler.timesteps[k], scheduler.timesteps[k + 1]
-            x_k = scheduler.add_noise(x0, noise, t_k.reshape(1).expand(x0.shape[0]))
-            with torch.no_grad():
-                state.set_weights(run.router.weights().detach())
-                eps_k = fn(scheduler.scale_model_input(x_k, t_k), t_k, k)[0]
-            x_next = scheduler.step(eps_k, t_k, x_k, return_dict=False)[0]
-            x_in = scheduler.scale_model_input(x_next, t_next)
-            teacher = run.teacher(fn, x_in, t_next, k + 1)
-            _, mse = run.student_update(fn, x_in, t_next, k + 1, teacher, 1.0)
-    finally:
-        state.set_weights(None)
+    scheduler, runtime = run.scheduler, run.runtime
+    soft = run.soft(first_step=k)
+    with runtime.using(soft), runtime.driven_by(scheduler):
+        scheduler.set_timesteps(run.num_steps, device=run.device)
+        runtime.clock.begin_run(driven=True, first_step=k)
+        t_k, t_next = scheduler.timesteps[k], scheduler.timesteps[k + 1]
+        x_k = scheduler.add_noise(x0, noise, t_k.reshape(1).expand(x0.shape[0]))
+        with torch.no_grad():
+            eps_k = fn(scheduler.scale_model_input(x_k, t_k), t_k, k)[0]
+        x_next = scheduler.step(eps_k, t_k, x_k, return_dict=False)[0]
+        x_in = scheduler.scale_model_input(x_next, t_next)
+        teacher = run.teacher(fn, x_in, t_next, k + 1)
+        _, mse = run.student_update(fn, soft, x_in, t_next, k + 1, teacher, 1.0)
     out = torch.zeros(run.num_steps, device=run.device)
     out[k + 1] = mse
     return {"mse": out, "step": k + 1}

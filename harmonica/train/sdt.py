@@ -30,16 +30,13 @@ def trajectory(run: Run, iteration: int, start: tuple[torch.Tensor, torch.Tensor
         if step == 0:
             # The cache is empty: everything computes, teacher and student coincide, nothing to learn.
             with torch.no_grad():
-                run.state.set_weights(run.router.weights().detach())
                 return fn(x, t, step)[0]
         teacher = run.teacher(fn, x, t, step)
-        eps, mse[step] = run.student_update(fn, x, t, step, teacher, run.lam[step])
+        eps, mse[step] = run.student_update(fn, soft, x, t, step, teacher, run.lam[step])
         return eps
 
-    try:
-        with run.state.driven_by(run.scheduler):
-            denoise(train_fn, run.scheduler, x_T, num_inference_steps=run.num_steps,
-                    generator=run.sampler_generator(iteration), progress=False)
-    finally:
-        run.state.set_weights(None)
+    soft = run.soft()
+    with run.runtime.using(soft), run.runtime.driven_by(run.scheduler):
+        denoise(train_fn, run.scheduler, x_T, num_inference_steps=run.num_steps,
+                generator=run.sampler_generator(iteration), progress=False)
     return {"mse": mse}

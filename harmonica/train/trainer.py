@@ -10,11 +10,12 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters import model_facts
 from ..apply import disable_cache, enable_cache, get_cache_state, model_cost
 from ..sampling import scheduler_name
 from ..schedule import ModelCost, Router, Schedule
 from . import checkpoint, iepo, l2c, sdt
-from .config import TrainConfig, _check_router_fits, model_facts, validate
+from .config import TrainConfig, _check_router_fits, validate
 from .context import Run
 from .distributed import World, broadcast_, current_world, seeded
 
@@ -44,10 +45,8 @@ def soft_measure(router: Router, cost: ModelCost) -> tuple[float, float]:
     """
     with torch.no_grad():
         w = router.weights().detach().double().cpu()
-    steps, blocks = w.shape[:2]
-    full = steps * (cost.fixed + blocks * (cost.attn + cost.mlp))
-    spent = steps * cost.fixed + float(w[..., 0].sum()) * cost.attn + float(w[..., 1].sum()) * cost.mlp
-    return float((1 - w).mean()), full / spent
+    attn, mlp = w.sum(dim=(0, 1)).tolist()
+    return float((1 - w).mean()), cost.speedup(router.num_steps, router.num_blocks, attn, mlp)
 
 
 def adapt_beta(beta: float, config: TrainConfig, cur: float, speedup: float, updates: int) -> float:
@@ -76,21 +75,19 @@ def train_router(transformer: torch.nn.Module, scheduler, config: TrainConfig,
     ``callback(info)`` is called after every iteration (and after its checkpoint) with the iteration's
     statistics; an exception it raises stops training (the checkpoint stays for ``resume=True``).
     Returns the trained :class:`~harmonica.Router`; its ``metadata`` records the config, the final
-    threshold (use ``router.to_schedule(router.metadata["threshold"])``), achieved CUR and speedup.
+    threshold (``router.to_schedule()`` uses it), achieved CUR and speedup.
     """
     started = time.perf_counter()
     world = current_world()
     facts = model_facts(transformer)
     sampler = scheduler_name(scheduler)
     size = config.latent_size or transformer.config.sample_size
-    cost = validate(config, sampler=sampler, num_blocks=facts["num_blocks"], model_class=facts["model_class"],
-                    block_width=facts["block_width"], cost_fn=lambda: _cost(transformer, config, size),
-                    is_text_model=facts["is_text_model"])
+    cost = validate(config, sampler=sampler, facts=facts, cost_fn=lambda: _cost(transformer, config, size))
     if get_cache_state(transformer) is not None:
         raise RuntimeError("caching is enabled on this transformer; call harmonica.disable_cache before training")
 
-    T, L = config.num_steps, facts["num_blocks"]
-    model_doc = {k: facts[k] for k in ("model_class", "num_blocks", "block_width")}
+    T, L = config.num_steps, facts.num_blocks
+    model_doc = {"model_class": facts.model_class, "num_blocks": facts.num_blocks, "block_width": facts.block_width}
     model_doc["num_steps"] = T
     expected = {"model": model_doc, "sampler": sampler, "global_batch": config.batch_size * world.size,
                 "config": {**config.to_json(), "world_size": world.size}}
@@ -112,7 +109,7 @@ def train_router(transformer: torch.nn.Module, scheduler, config: TrainConfig,
     beta, start, previous_wall, refreshes, updates = config.beta, 0, 0.0, 0, 0
     if resumed is not None:
         tensors, document = resumed
-        _check_router_fits(Router(tensors["logits"]), "resume", T, L, facts["model_class"], facts["block_width"])
+        _check_router_fits(Router(tensors["logits"]), "resume", T, facts)
         with torch.no_grad():
             router.logits.copy_(tensors["logits"].to(device))
         checkpoint.restore_optimizer(optimizer, tensors)
@@ -126,9 +123,9 @@ def train_router(transformer: torch.nn.Module, scheduler, config: TrainConfig,
     grad_flags = [p.requires_grad for p in transformer.parameters()]
     was_training = transformer.training
     transformer.requires_grad_(False).eval()
-    state = enable_cache(transformer, Schedule.full(T, L))
+    runtime = enable_cache(transformer, Schedule.full(T, L))
     channels = transformer.config.in_channels
-    run = Run(transformer=transformer, scheduler=scheduler, state=state, router=router, optimizer=optimizer,
+    run = Run(transformer=transformer, scheduler=scheduler, runtime=runtime, router=router, optimizer=optimizer,
               config=config, world=world, latent_shape=(channels, size, size), device=device, dtype=dtype,
               beta=beta, lam=lam, updates=updates, lambda_refreshes=refreshes)
     log = open(config.log_file, "a") if config.log_file and world.is_main else None
@@ -184,7 +181,7 @@ def train_router(transformer: torch.nn.Module, scheduler, config: TrainConfig,
                    wall=previous_wall + time.perf_counter() - started)
 
 
-def _finish(router: Router, run: Run, config: TrainConfig, cost: ModelCost, sampler: str, facts: dict,
+def _finish(router: Router, run: Run, config: TrainConfig, cost: ModelCost, sampler: str, facts,
             world: World, wall: float) -> Router:
     if config.target_speedup is not None:
         threshold = router.threshold_for(target_speedup=config.target_speedup, cost=cost)
@@ -196,8 +193,8 @@ def _finish(router: Router, run: Run, config: TrainConfig, cost: ModelCost, samp
     return Router(router.logits.detach().cpu(), metadata={
         "method": config.method,
         "sampler": sampler,
-        "model_class": facts["model_class"],
-        "block_width": facts["block_width"],
+        "model_class": facts.model_class,
+        "block_width": facts.block_width,
         "threshold": threshold,
         "achieved_cur": cur,
         "theoretical_speedup": speedup,

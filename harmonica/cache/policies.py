@@ -1,0 +1,242 @@
+"""Branch policies: how a cached block's branch is served (computed, stored, read, merged).
+
+A policy is installed on a :class:`~harmonica.cache.CacheRuntime` and answers, for each block branch
+of each model call, through two methods (the :class:`BranchPolicy` protocol):
+
+* ``computes(runtime, block)``: whether the (attn, mlp) branch of ``block`` computes in this call for
+  any sample (adapters skip the modulation work a reused branch does not need);
+* ``run_branch(runtime, block, branch, x, gate, branch_fn)``: ``x + gate * branch_fn(x)``, computed
+  or served from the runtime's slots.
+
+Inference has two policies, here: :class:`PlanPolicy` (a static :class:`~harmonica.Schedule`, the
+default) and :class:`PerSamplePolicy` (each sample at its own step, for serving loops). Training's soft
+and teacher policies live in :mod:`harmonica.train.policies`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+
+import torch
+
+from .. import ops
+from ..schedule import Schedule
+
+if TYPE_CHECKING:
+    from .runtime import CacheRuntime
+
+__all__ = ["BranchFn", "BranchPolicy", "PlanPolicy", "PerSamplePolicy", "build_plan", "COMPUTE", "STORE", "READ",
+           "READ_LAST"]
+
+BranchFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""``branch_fn(x_rows, rows)``: the branch output (before the gate) for the samples ``rows`` of the
+batch (``None`` = all); ``x_rows`` are those samples' block inputs."""
+
+BRANCH_NAMES = ("attn", "mlp")
+
+
+class BranchPolicy(Protocol):
+    #: Whether model calls under this policy are steps of a run (advance the runtime's step clock).
+    counts_calls: bool
+
+    def computes(self, runtime: "CacheRuntime", block: int) -> tuple[bool, bool]: ...
+
+    def run_branch(self, runtime: "CacheRuntime", block: int, branch: int, x: torch.Tensor, gate: torch.Tensor,
+                   branch_fn: BranchFn) -> torch.Tensor: ...
+
+
+# ---------------------------------------------------------------------------------------------- fused residuals
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """The uncached residual ``x + gate * branch``, in the order diffusers computes it."""
+    return gate.view(gate.shape[0], 1, gate.shape[-1]) * branch + x
+
+
+def _in_place(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the residual may be added into the block input itself.
+
+    At inference nothing else reads a block's input after the block (diffusers rebinds
+    ``hidden_states``), so the in-place ops save one (B, N, D) allocation per branch - 38 MB per op at
+    PixArt-1024. Not with autograd on (the input may be saved for backward), and not when the result
+    has another dtype than the input (type promotion under autocast).
+    """
+    return not torch.is_grad_enabled() and x.is_contiguous() and x.dtype == dtype
+
+
+def write(x, gate, branch, slot):
+    return (ops.cache_write_ if _in_place(x, slot.dtype) else ops.cache_write)(x, gate, branch, slot)
+
+
+def read(x, gate, slot):
+    dtype = ops.result_dtype(x, gate, slot)
+    return (ops.cache_read_ if _in_place(x, dtype) else ops.cache_read)(x, gate, slot)
+
+
+def merge(x, gate, fresh, rows, slot):
+    return (ops.gated_merge_ if _in_place(x, slot.dtype) else ops.gated_merge)(x, gate, fresh, rows, slot)
+
+
+def slot_like(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """A tensor with the shape, device and (promoted) dtype a slot for ``branch`` must have."""
+    dtype = ops.result_dtype(x, gate, branch)
+    return branch if branch.dtype == dtype else branch.new_empty((), dtype=dtype).expand(branch.shape)
+
+
+def missing_slot(runtime: "CacheRuntime", block: int, branch: int, step: int) -> RuntimeError:
+    return RuntimeError(
+        f"block {block} {BRANCH_NAMES[branch]} should reuse its cache at step {step} but nothing was cached; the "
+        f"model calls of this run do not follow one sampling run of the schedule (did the batch or the number of "
+        f"calls per step change mid-run?)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- static plans
+
+# What a unit does at a step, precomputed from the schedule so the forward needs no tensor lookups
+# (and torch.compile sees plain Python constants, no host sync).
+COMPUTE = 0  # compute; no later step reads this result, so no slot is kept
+STORE = 1  # compute and keep the pre-gate output: the next step reads it
+READ = 2  # reuse the slot; a later step reads it again
+READ_LAST = 3  # reuse the slot for the last time, then free it
+
+
+def build_plan(mask: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Actions (T, L, 2) from a compute mask: a slot lives only from its write to its last read."""
+    m = mask.tolist()
+    steps = len(m)
+    plan = []
+    for t in range(steps):
+        row = []
+        for l, units in enumerate(m[t]):
+            acts = []
+            for b, compute in enumerate(units):
+                next_reads = t + 1 < steps and not m[t + 1][l][b]
+                if compute:
+                    acts.append(STORE if next_reads else COMPUTE)
+                else:
+                    acts.append(READ if next_reads else READ_LAST)
+            row.append(tuple(acts))
+        plan.append(tuple(row))
+    return tuple(plan)
+
+
+class PlanPolicy:
+    """Serve every branch as a static :class:`~harmonica.Schedule` says, at the step clock's step."""
+
+    counts_calls = True
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+        self.plan = build_plan(schedule.mask)
+
+    def computes(self, runtime, block):
+        return tuple(action in (COMPUTE, STORE) for action in self.plan[runtime.clock.step][block])
+
+    def run_branch(self, runtime, block, branch, x, gate, branch_fn):
+        clock = runtime.clock
+        key = (block, branch, clock.call)
+        action = self.plan[clock.step][block][branch]
+        if action == COMPUTE:
+            return gated(x, gate, branch_fn(x, None))
+        if action == STORE:
+            out = branch_fn(x, None)
+            return write(x, gate, out, runtime.slots.slot_for(key, slot_like(x, gate, out)))
+        slot = runtime.slots.get(key)
+        if slot is None:
+            raise missing_slot(runtime, block, branch, clock.step)
+        out = read(x, gate, slot)
+        if action == READ_LAST:
+            runtime.slots.free(key)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- per-sample
+
+
+class PerSamplePolicy:
+    """Each sample of the batch at its own schedule step (a serving loop batching requests).
+
+    Each request keeps its batch row (its row of every slot) for its whole run and starts at step 0.
+    One slot per unit holds every row; a computing row refreshes its row of the slot.
+    """
+
+    counts_calls = False
+    _MAX_ROW_INDICES = 64
+
+    def __init__(self, schedule: Schedule):
+        self.num_steps = schedule.num_steps
+        self.compute = schedule.mask.tolist()
+        self.steps: tuple[int, ...] | None = None
+        self._filled: dict[tuple[int, int], list[bool]] = {}
+        self._row_indices: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def set_steps(self, steps: Sequence[int]) -> None:
+        steps = tuple(steps)
+        bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < self.num_steps]
+        if bad or not steps:
+            raise ValueError(f"steps must be a non-empty sequence of ints in [0, {self.num_steps}) for this schedule, "
+                             f"one per sample; got {list(steps)}")
+        self.steps = steps
+
+    def _steps_for(self, x: torch.Tensor) -> tuple[int, ...]:
+        if self.steps is None:
+            raise RuntimeError("per-sample caching needs each sample's step before the model call; set "
+                               "`serving.steps = [...]` inside `with harmonica.per_sample(model) as serving`")
+        if len(self.steps) != x.shape[0]:
+            raise ValueError(f"serving.steps gives {len(self.steps)} steps but the batch has {x.shape[0]} samples; "
+                             f"give one step per sample")
+        return self.steps
+
+    def computes(self, runtime, block):
+        steps = self.steps or ()
+        return tuple(any(self.compute[s][block][b] for s in steps) for b in (0, 1))
+
+    def _rows(self, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The index tensor of ``rows`` on ``device``, built once per distinct set of rows: a serving loop
+        repeats a few patterns, and on CUDA each is staged through pinned memory, so the copy never makes
+        the host wait for the GPU."""
+        key = (rows, device)
+        index = self._row_indices.get(key)
+        if index is None:
+            host = torch.tensor(rows, dtype=torch.long, pin_memory=device.type == "cuda")
+            index = host.to(device, non_blocking=True)
+            self._row_indices[key] = index
+            if len(self._row_indices) > self._MAX_ROW_INDICES:
+                self._row_indices.popitem(last=False)
+        else:
+            self._row_indices.move_to_end(key)
+        return index
+
+    def run_branch(self, runtime, block, branch, x, gate, branch_fn):
+        steps = self._steps_for(x)
+        key = (block, branch)
+        compute = [self.compute[s][block][branch] for s in steps]
+        slot = runtime.slots.get(key)
+        if slot is not None and slot.shape != x.shape:
+            raise ValueError(
+                f"the batch changed from {slot.shape[0]} to {x.shape[0]} samples while per-sample caching is on; "
+                f"keep each request in its batch row, or leave the `with harmonica.per_sample(...)` block to reset"
+            )
+        filled = self._filled.get(key) or [False] * x.shape[0]
+        for row, (c, s) in enumerate(zip(compute, steps)):
+            if not c and not filled[row]:
+                raise RuntimeError(
+                    f"sample {row} is at step {s} and should reuse block {block} {BRANCH_NAMES[branch]} but its cache "
+                    f"row was never filled; start each sample at step 0"
+                )
+        if all(compute):
+            out = branch_fn(x, None)
+            slot = runtime.slots.slot_for(key, slot_like(x, gate, out))
+            result = write(x, gate, out, slot)
+        elif not any(compute):
+            result = read(x, gate, slot)
+        else:
+            rows = self._rows(tuple(i for i, c in enumerate(compute) if c), x.device)
+            fresh = branch_fn(ops.gather_rows(x, rows), rows)
+            if slot is None:  # cannot happen: a reusing row implies a filled (so allocated) slot
+                raise missing_slot(runtime, block, branch, min(steps))
+            result = merge(x, gate, fresh, rows, slot)
+        self._filled[key] = [f or c for f, c in zip(filled, compute)]
+        return result

@@ -1,0 +1,89 @@
+"""The slot store: cached branch outputs, alive only from their write to their last read.
+
+Live bytes are what the schedule's liveness says (``cache_bytes``, peak in ``peak_cache_bytes``).
+A freed slot's storage is kept for the next store of the same shape, dtype and device instead of being
+returned to the allocator: on CPU, glibc hands large blocks back to the kernel at free and page-faults
+them in afresh at the next allocation, which cost a plain process ~10% of a cached DiT-XL/2 step.
+Spares of one shape at a time are kept, never more than the peak of live slots, so the memory a
+run keeps is still the liveness bound; ``release(keep_pool=False)`` (disable_cache) gives it all back.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Hashable
+
+import torch
+
+__all__ = ["SlotStore"]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class SlotStore:
+    def __init__(self):
+        self._live: dict[Hashable, torch.Tensor] = {}
+        self._pool: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        self.cache_bytes = 0
+        self.peak_cache_bytes = 0
+        self.allocations = 0  # fresh allocations so far (a warm run of the same shape makes none)
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        return self._live.get(key)
+
+    def keys(self):
+        return self._live.keys()
+
+    def slot_for(self, key: Hashable, like: torch.Tensor) -> torch.Tensor:
+        """A contiguous slot of ``like``'s shape/dtype/device under ``key`` (its content is undefined)."""
+        slot = self._live.get(key)
+        if slot is not None and slot.shape == like.shape and slot.dtype == like.dtype and slot.device == like.device:
+            return slot
+        self.free(key)
+        kind = (tuple(like.shape), like.dtype, like.device)
+        spare = self._pool.get(kind)
+        if spare:
+            slot = spare.pop()
+        else:
+            # A new shape (another batch size or resolution): spares of other shapes belong to an
+            # earlier configuration; dropping them keeps live + pooled memory within one peak.
+            for other in [k for k in self._pool if k != kind]:
+                del self._pool[other]
+            slot = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            self.allocations += 1
+        self._live[key] = slot
+        self.cache_bytes += _nbytes(slot)
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
+        return slot
+
+    def store_new(self, key: Hashable, value: torch.Tensor) -> None:
+        """Keep ``value`` itself under ``key``, never reusing memory (training: autograd may still hold
+        the previous slot, so its storage must not be overwritten)."""
+        self.free(key, recycle=False)
+        self._live[key] = value
+        self.cache_bytes += _nbytes(value)
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
+
+    def free(self, key: Hashable, *, recycle: bool = True) -> None:
+        slot = self._live.pop(key, None)
+        if slot is None:
+            return
+        self.cache_bytes -= _nbytes(slot)
+        if recycle:
+            self._pool[(tuple(slot.shape), slot.dtype, slot.device)].append(slot)
+
+    def release(self, *, keep_pool: bool = True) -> None:
+        """Free every slot (a new run starts); ``keep_pool=False`` also returns the pooled storage."""
+        for key in list(self._live):
+            self.free(key, recycle=keep_pool)
+        if not keep_pool:
+            self._pool.clear()
+
+    def reset_peak(self) -> None:
+        self.peak_cache_bytes = self.cache_bytes
+
+    @property
+    def pooled_bytes(self) -> int:
+        return sum(_nbytes(t) for spares in self._pool.values() for t in spares)
