@@ -414,7 +414,8 @@ def write_report(work: Path, report: Path) -> str:
                            f"(lowest: {worst['op']} {worst['dtype']})")
     if e2e_result:
         for r in e2e_result["rows"]:
-            graph = f"graphs {r['graph_speedup']:.2f}x" if "graph_speedup" in r else "graphs FAILED"
+            graph = (f"graphs {r['graph_speedup']:.2f}x" if "graph_speedup" in r
+                     else "graphs n/a (no GPU)" if r.get("graph_error") == "no CUDA device" else "graphs FAILED")
             summary.append(f"     e2e: {r['images']} img {r['schedule']}: eager {r['eager_speedup']:.2f}x, {graph} "
                            f"(theoretical {r['theoretical_speedup']:.2f}x)")
     summary.append(f"  report: {report / 'report.md'}")
