@@ -36,6 +36,15 @@ test: setup
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only -p no:cacheprovider
 
+# The C++ unit tests (csrc/tests) through CMake and ctest, CPU only: they run the CUDA per-thread
+# bodies on the host. The build log is kept for CI's warning check.
+CMAKE_DIR ?= build/cmake
+ctest: setup
+	cmake -S . -B $(CMAKE_DIR) -DPython3_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release > $(CMAKE_DIR).log 2>&1 \
+	  || (tail -30 $(CMAKE_DIR).log; exit 1)
+	cmake --build $(CMAKE_DIR) -j $(or $(MAX_JOBS),2) >> $(CMAKE_DIR).log 2>&1 || (tail -50 $(CMAKE_DIR).log; exit 1)
+	ctest --test-dir $(CMAKE_DIR) --output-on-failure
+
 # Fast CPU-only rebuild while iterating on the kernels.
 build-cpu:
 	HARMONICA_CUDA=0 $(PY) -m pip install --no-build-isolation -e . > $(VENV)/build-cpu.log 2>&1 || (tail -50 $(VENV)/build-cpu.log; exit 1)
