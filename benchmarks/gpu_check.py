@@ -197,22 +197,21 @@ class GraphedSampler:
         self.t_in = torch.zeros(batch, device=device, dtype=torch.long)
         pool = torch.cuda.graph_pool_handle()
         self.graphs, self.outputs = [], []
-        state = None
-        driver = None
-        if schedule is not None:
-            state = hc.enable_cache(model, schedule)
-            driver = DDIMScheduler()
-            state.attach(driver)
-            driver.set_timesteps(steps, device=device)  # begins a run: the state is driven, step 0
+        if schedule is None:
+            self._capture(pool)
+            return
+        # The cache state follows a scheduler, as in a sampling run: set_timesteps begins the run and
+        # step ends a step (its arithmetic on the captured, not yet computed, outputs is discarded).
+        state = hc.enable_cache(model, schedule)
+        driver = DDIMScheduler()
         try:
-            for _ in range(steps if schedule is not None else 1):
-                self._capture(pool)
-                if state is not None:
-                    state.end_step()
+            with torch.no_grad(), state.driven_by(driver):
+                driver.set_timesteps(steps, device=device)
+                for t in driver.timesteps:
+                    self._capture(pool)
+                    driver.step(self.outputs[-1][:, :channels], t, self.x_in)
         finally:
-            if state is not None:
-                state.detach(driver)
-                hc.disable_cache(model)  # the graphs keep what they captured; the model is eager again
+            hc.disable_cache(model)  # the graphs keep what they captured; the model is eager again
 
     def _call(self):
         return self.model(self.x_in, timestep=self.t_in, class_labels=self.class_labels, return_dict=False)[0]
@@ -357,11 +356,17 @@ def write_report(work: Path, report: Path) -> str:
             name, status, seconds = line.split("\t")
             stages.append(dict(stage=name, status=status, seconds=int(seconds)))
     env = _read_json(work / "env.json") or {}
+    if (work / "build_line.txt").exists():
+        env["build"] = (work / "build_line.txt").read_text().strip()
+    if (work / "warnings.txt").exists() and (work / "warnings.txt").read_text().strip():
+        env["build warnings"] = (work / "warnings.txt").read_text().strip()
     ops_result = _read_json(work / "ops.json")
     e2e_result = _read_json(work / "e2e.json")
     sass_result = _read_json(work / "sass.json")
     tests = _tests_summary(report / "tests.xml")
-    data = dict(env=env, stages=stages, tests=tests, sass=sass_result, ops=ops_result, e2e=e2e_result)
+    compiled = _tests_summary(report / "compile.xml")
+    data = dict(env=env, stages=stages, tests=tests, compile=compiled, sass=sass_result, ops=ops_result,
+                e2e=e2e_result)
     (report / "report.json").write_text(json.dumps(data, indent=1))
 
     md = ["# harmonica gpu-check", ""]
@@ -374,6 +379,11 @@ def write_report(work: Path, report: Path) -> str:
                f"of {tests['tests']} (test cases with 'cuda' in their id, simulations excluded: "
                f"{tests['cuda_named_cases']}, of which skipped: {tests['cuda_named_skipped']})."]
         md += [f"* FAILED {case}" for case in tests["failed_cases"]]
+    if compiled:
+        md += ["", "## torch.compile(mode=\"reduce-overhead\") of cached sampling", "",
+               f"{compiled['passed']} passed, {compiled['failures'] + compiled['errors']} failed, "
+               f"{compiled['skipped']} skipped (tests/test_cuda_graphs.py; details in tests.log)."]
+        md += [f"* FAILED {case}" for case in compiled["failed_cases"]]
     if sass_result:
         md += ["", "## SASS per element (cuobjdump of this build)", "", sass_result.get("markdown", "")]
     if ops_result:
@@ -401,9 +411,10 @@ def write_report(work: Path, report: Path) -> str:
 
     summary = ["", "gpu-check summary", "-----------------"]
     summary += [f"{s['stage']:>8s}: {s['status']:<10s} {s['seconds']:4d} s" for s in stages]
-    if tests:
-        summary.append(f"   tests: {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
-                       f"{tests['skipped']} skipped")
+    for name, result in (("tests", tests), ("compile", compiled)):
+        if result:
+            summary.append(f"{name:>8s}: {result['passed']} passed, {result['failures'] + result['errors']} failed, "
+                           f"{result['skipped']} skipped" + "".join(f"\n          FAILED {c}" for c in result["failed_cases"][:8]))
     if sass_result and sass_result.get("summary"):
         summary.append(f"    sass: {sass_result['summary']}")
     if ops_result:

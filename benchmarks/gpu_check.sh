@@ -3,9 +3,10 @@
 #
 #   benchmarks/gpu_check.sh [REPORT_DIR]        (default: $GPU_CHECK_OUT or build/gpu-check)
 #
-# Builds harmonica._C in place for this machine's GPU only, runs every CUDA test case, the op
+# Builds harmonica._C in place for this machine's GPU only, counts the kernels' SASS per element, runs
+# every CUDA test case (CUDA-graph capture and torch.compile(mode="reduce-overhead") included), the op
 # benchmarks and an end-to-end DiT-XL/2-shape timing (eager and CUDA graphs), and writes
-# REPORT_DIR/report.md and report.json plus the logs of each stage (at most 8 files). Each stage has
+# REPORT_DIR/report.md and report.json plus the logs of each stage (7 files). Each stage has
 # its own time limit, taken from one overall budget, so a hang costs that stage only and the report
 # is always written. Without a GPU it says so and exits 0.
 #
@@ -13,7 +14,7 @@
 # installed first into a private folder on PYTHONPATH, for packages that machine lacks.
 # GPU_CHECK_SMOKE=1 runs every stage on a machine without a GPU (build for GPU_CHECK_ARCH, default
 # 9.0; CUDA tests skip; benchmarks on tiny CPU shapes), to check this script, not the GPU.
-# GPU_CHECK_BUDGET_S (default 285) bounds the whole run; GPU_CHECK_CAP_SCALE multiplies each stage's
+# GPU_CHECK_BUDGET_S (default 270) bounds the stages; GPU_CHECK_CAP_SCALE multiplies each stage's
 # own cap (a slow machine's smoke run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 REPORT=${1:-${GPU_CHECK_OUT:-build/gpu-check}}
 WORK=build/gpu-check-work
-BUDGET_S=${GPU_CHECK_BUDGET_S:-285}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-270}
 start=$(date +%s)
 mkdir -p "$REPORT" "$WORK"
 REPORT=$(cd "$REPORT" && pwd)
@@ -77,30 +78,42 @@ fi
 PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
 export PATH
 
+# The build for this machine: with a GPU visible and TORCH_CUDA_ARCH_LIST unset, setup.py leaves the
+# choice to torch's detection (this GPU's architecture + PTX) and says so on its first line. The smoke
+# run has no GPU to detect and names one architecture.
 if [[ $SMOKE == 1 ]]; then
-  arch=${GPU_CHECK_ARCH:-9.0}
+  arch_env=(TORCH_CUDA_ARCH_LIST="${GPU_CHECK_ARCH:-9.0}")
+  sm="sm_$(echo "${GPU_CHECK_ARCH:-9.0}" | tr -d .)"
 else
-  arch=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  arch_env=(-u TORCH_CUDA_ARCH_LIST)
+  sm=$("$PY" -c "import torch; print('sm_%d%d' % torch.cuda.get_device_capability())")
 fi
-run_stage build 200 "$REPORT/build.log" env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-16}" \
-  "$PY" setup.py build_ext --inplace
+run_stage build 150 "$REPORT/build.log" env "${arch_env[@]}" MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
 if ! "$PY" -c "import sys, harmonica._C as c; sys.exit(0 if c.built_with_cuda else 1)"; then
   say "the build has no CUDA kernels; see $REPORT/build.log"
   printf 'build\tno CUDA kernels\t0\n' >> "$WORK/stages.tsv"
   "$PY" benchmarks/gpu_check.py report --work "$WORK" --report "$REPORT"
   exit 1
 fi
+grep -m1 -o "harmonica: building.*" "$REPORT/build.log" > "$WORK/build_line.txt" || true
 if grep -nE "csrc/[^ ]*(warning|Warning)|warning #" "$REPORT/build.log" > "$WORK/warnings.txt"; then
   say "the build emitted warnings from csrc/:"; cat "$WORK/warnings.txt"
   printf 'warnings\t%s lines\t0\n' "$(wc -l < "$WORK/warnings.txt")" >> "$WORK/stages.tsv"
+  failed=1
 fi
 "$PY" benchmarks/gpu_check.py env --out "$WORK/env.json"
 
-# Every test case of the op suites: the CUDA cases run on this GPU, the CPU ones stay as a control.
-run_stage tests 90 "$REPORT/tests.log" "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider -rfEs \
-  --junitxml="$REPORT/tests.xml"
-run_stage ops 40 "$REPORT/bench.log" "$PY" benchmarks/gpu_check.py ops --out "$WORK/ops.json" "${smoke_flag[@]}"
-run_stage e2e 90 "$REPORT/bench.log" "$PY" benchmarks/gpu_check.py e2e --out "$WORK/e2e.json" "${smoke_flag[@]}"
+# SASS per element of this build (cuobjdump; the issue's bound is 25 for the bf16 forward ops on sm_90).
+run_stage sass 30 "$REPORT/bench.log" "$PY" benchmarks/sass_count.py --arch "$sm" --json "$WORK/sass.json" --max 25
+# Every test case of the op suites: the CUDA cases run on this GPU, the CPU ones stay as a control;
+# the per-step CUDA-graph capture of a cached DiT run. torch.compile's is a stage of its own (below):
+# inductor's compile time is the least predictable part.
+run_stage tests 100 "$REPORT/tests.log" "$PY" -m pytest tests/test_ops.py tests/test_cuda_graphs.py \
+  -k "not reduce_overhead" -q -p no:cacheprovider -rfEs --junitxml="$REPORT/tests.xml"
+run_stage ops 30 "$REPORT/bench.log" "$PY" benchmarks/gpu_check.py ops --out "$WORK/ops.json" "${smoke_flag[@]}"
+run_stage e2e 75 "$REPORT/bench.log" "$PY" benchmarks/gpu_check.py e2e --out "$WORK/e2e.json" "${smoke_flag[@]}"
+run_stage compile 60 "$REPORT/tests.log" "$PY" -m pytest tests/test_cuda_graphs.py -k reduce_overhead -q \
+  -p no:cacheprovider -rfEs --junitxml="$REPORT/compile.xml"
 
 "$PY" benchmarks/gpu_check.py report --work "$WORK" --report "$REPORT"
 say "done in $(( $(date +%s) - start )) s"
