@@ -79,8 +79,9 @@ def test_each_cached_step_replays_as_a_cuda_graph():
     eager = run_steps(model, inputs, labels, capture=False)  # also the warm-up a capture needs
     replayed = run_steps(model, inputs, labels, capture=True)
     for step, (got, want) in enumerate(zip(replayed, eager)):
-        # The same kernels on the same inputs: identical results.
-        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m, step=step: f"step {step}: {m}")
+        # The same ops on the same inputs; cuBLAS may still pick another algorithm inside a capture
+        # (its workspace is the graph's), so float32 precision, not bit equality.
+        torch.testing.assert_close(got, want, msg=lambda m, step=step: f"step {step}: {m}")
 
 
 def test_cached_sampling_under_reduce_overhead_records_cuda_graphs():
