@@ -40,6 +40,7 @@ bench: setup
 # bodies on the host. The build log is kept for CI's warning check.
 CMAKE_DIR ?= build/cmake
 ctest: setup
+	mkdir -p $(CMAKE_DIR)
 	cmake -S . -B $(CMAKE_DIR) -DPython3_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release > $(CMAKE_DIR).log 2>&1 \
 	  || (tail -30 $(CMAKE_DIR).log; exit 1)
 	cmake --build $(CMAKE_DIR) -j $(or $(MAX_JOBS),2) >> $(CMAKE_DIR).log 2>&1 || (tail -50 $(CMAKE_DIR).log; exit 1)
