@@ -8,7 +8,9 @@ from `harmonica` to `harmonica_base` (TORCH_LIBRARY names and schema strings) so
 side, and built with HARMONICA_CUDA=0. Each op then runs on the same tensors in alternating rounds
 (base, new, new, base, ...), and the result is the median over rounds of new time / base time: load
 from other processes that drifts over seconds hits both sides of a ratio alike. Below 1 the new
-build is faster. The tensors are the DiT-XL/2 and PixArt shapes of bench_ops.py, slot hot.
+build is faster. The tensors are the DiT-XL/2 and PixArt shapes of bench_ops.py, slot hot. Both
+sides are called below autograd: only the checkout's harmonica.ops registers blend's Python autograd
+kernel (about 10 us a call), which the renamed base library lacks.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ def main(argv=None) -> int:
     print(f"base: {library}\nnew: {Path(harmonica.ops.__file__).parent}\nthreads: {torch.get_num_threads()}\n")
     print("| op | shape | dtype | base ms | new ms | new / base (median, quartiles) |")
     print("|---|---|---|---|---|---|")
-    compare(args.rounds, args.seconds)
+    with torch._C._AutoDispatchBelowAutograd():
+        compare(args.rounds, args.seconds)
     return 0
 
 
