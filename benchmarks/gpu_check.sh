@@ -32,18 +32,24 @@ failed=0
 
 say() { echo "gpu-check: $*"; }
 
-# Seconds left for a stage: its own cap, or what the overall budget has left (at least 10 s).
+# Seconds a stage may run: its own cap, or what the overall budget has left.
 stage_limit() {
   local cap=$(( $1 * ${GPU_CHECK_CAP_SCALE:-1} )) left=$(( BUDGET_S - ($(date +%s) - start) ))
-  (( left < 10 )) && left=10
   echo $(( cap < left ? cap : left ))
 }
 
-# run_stage NAME CAP LOG COMMAND...: runs COMMAND under `timeout`, output to the terminal and LOG.
+# run_stage NAME CAP LOG COMMAND...: runs COMMAND under `timeout`, output to the terminal and LOG. A
+# stage that would get less than 15 s of the budget is skipped (and the run counts as incomplete).
 run_stage() {
   local name=$1 cap=$2 log=$3; shift 3
   local limit stage_start status
   limit=$(stage_limit "$cap")
+  if (( limit < 15 )); then
+    say "stage $name skipped: the ${BUDGET_S} s budget is spent"
+    printf '%s\t%s\t%s\n' "$name" "skipped(budget)" 0 >> "$WORK/stages.tsv"
+    failed=1
+    return 1
+  fi
   stage_start=$(date +%s)
   say "stage $name (limit ${limit} s)"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
