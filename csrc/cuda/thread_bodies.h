@@ -66,7 +66,7 @@ struct FastDivmod {
     while ((uint64_t{1} << shift) < d) {
       ++shift;
     }
-    // ceil(2^(32 + shift) / d) - 2^32, which fits 32 bits because 2^shift < 2 * d.
+    // floor(2^(32 + shift) / d) - 2^32 + 1, which fits 32 bits because 2^shift < 2 * d.
     multiplier = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
   }
 
