@@ -2,8 +2,10 @@
 
 CPU kernels are always built. CUDA kernels are built whenever this torch is a CUDA build and a CUDA
 toolkit is found (no GPU needed); HARMONICA_CUDA=0 skips them for fast CPU-only iteration.
-TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100). Install with
-`pip install --no-build-isolation -e .` (build isolation would download torch again).
+Architectures: TORCH_CUDA_ARCH_LIST when set; else, with a GPU visible, torch's own detection (the
+visible GPUs' architectures, PTX for the newest); else DEFAULT_CUDA_ARCHS, Turing to Blackwell with PTX
+for newer GPUs. The build prints which. Install with `pip install --no-build-isolation -e .` (build
+isolation would download torch again).
 """
 
 import os
@@ -14,7 +16,12 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Built when no GPU is visible (a wheel, CI, a login node): Turing (T4), Ampere (A100, A10/RTX 30xx),
+# Ada (L4, RTX 40xx), Hopper (H100/H200), Blackwell (B200, RTX 50xx), plus PTX of the newest, which
+# the driver compiles for any later GPU. Read by CMakeLists.txt too.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
+# CUDA toolkits before 12.8 cannot compile Blackwell code: Hopper + PTX is the newest they reach.
+DEFAULT_CUDA_ARCHS_BEFORE_12_8 = "7.5;8.0;8.6;8.9;9.0+PTX"
 
 
 def _real_cuda_home() -> str | None:
@@ -35,6 +42,30 @@ def _real_cuda_home() -> str | None:
         if (Path(candidate) / "bin" / "nvcc").is_file() and (Path(candidate) / "include" / "cuda_runtime.h").is_file():
             return str(Path(candidate).resolve())
     return None
+
+
+def _describe_archs(arch_list: str) -> str:
+    return ", ".join(
+        "sm_" + arch.replace(".", "").replace("+PTX", " (+PTX)") for arch in arch_list.replace(" ", ";").split(";") if arch
+    )
+
+
+def _cuda_archs(torch) -> str:
+    """Decide the architectures (leaving TORCH_CUDA_ARCH_LIST unset means torch detects the visible
+    GPUs) and say which and why."""
+    explicit = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if explicit and explicit != "native":
+        return f"{_describe_archs(explicit)} (TORCH_CUDA_ARCH_LIST)"
+    if torch.cuda.is_available():
+        os.environ.pop("TORCH_CUDA_ARCH_LIST", None)  # "native" means the same detection
+        gpus = sorted({(torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+                       for i in range(torch.cuda.device_count())})
+        found = "; ".join(f"{name}, sm_{major}{minor}" for name, (major, minor) in gpus)
+        return f"the visible GPUs as torch detects them ({found}; + PTX of the newest)"
+    cuda = tuple(int(part) for part in torch.version.cuda.split(".")[:2])
+    archs = DEFAULT_CUDA_ARCHS if cuda >= (12, 8) else DEFAULT_CUDA_ARCHS_BEFORE_12_8
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    return f"{_describe_archs(archs)} (no GPU visible: the default list; set TORCH_CUDA_ARCH_LIST for fewer)"
 
 
 def _extension_modules():
@@ -83,12 +114,7 @@ def _extension_modules():
         with_cuda, reason = True, ""
 
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-        archs = ", ".join(
-            "sm_" + arch.replace(".", "").replace("+PTX", " (+PTX)")
-            for arch in os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";").split(";")
-            if arch
-        )
+        archs = _cuda_archs(torch)
         nvcc_flags = [
             "-O3",
             "-Xcompiler=-Wall",

@@ -58,8 +58,10 @@ void mark_written(const at::Tensor& t) {
   }
 }
 
+// w = 1 as a host scalar (a 0-dim CPU tensor), whatever x's device: the kernels take it by value,
+// so no fill kernel and no range-check kernel run on a GPU.
 at::Tensor weight_one(const at::Tensor& x) {
-  return at::ones({}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  return at::ones({}, at::TensorOptions().dtype(at::toOpMathType(x.scalar_type())));
 }
 
 using BlendSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <utility>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -63,8 +65,25 @@ at::Tensor prepare_gate(const char* op, const at::Tensor& gate, const at::Tensor
   return gate_2d;
 }
 
-at::Tensor prepare_w(const char* op, const at::Tensor& w, const at::Tensor& x, const HiddenShape& shape) {
-  check_same_device(op, "w", w, "x", x);
+struct PreparedW {
+  at::Tensor w;
+  bool on_host;
+  double value;
+  bool needs_device_check;
+};
+
+// `w` in the accumulation type. On the host, every value is checked here (no device memory is read,
+// so this never synchronises); device-resident values are left to the device launcher's check kernel.
+PreparedW prepare_w(const char* op, const at::Tensor& w, const at::Tensor& x, const HiddenShape& shape,
+                    KernelSite site) {
+  // A 0-dim CPU tensor is a host scalar, as ATen treats it: the device kernels take its value as a
+  // launch argument. Anything else must live where x does.
+  const bool host_scalar = w.dim() == 0 && w.device().is_cpu();
+  if (!host_scalar) {
+    TORCH_CHECK(w.device() == x.device(), op, ": `w` is on ", w.device(), " but `x` is on ", x.device(),
+                "; pass w on x's device, or one weight as a Python float or a 0-dim CPU tensor (checked and "
+                "passed to the kernel by value, without a device synchronisation).");
+  }
   TORCH_CHECK(at::isFloatingType(w.scalar_type()), op, ": `w` must be a floating-point tensor, got ",
               w.scalar_type(), "; pass torch.sigmoid(logits).");
   TORCH_CHECK(w.dim() == 0 || (w.dim() == 1 && w.size(0) == shape.batch), op,
@@ -72,18 +91,66 @@ at::Tensor prepare_w(const char* op, const at::Tensor& w, const at::Tensor& x, c
               "; use w.reshape(()) for one weight or one weight per sample.");
   const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
   at::Tensor w_acc = w.to(acc_type).contiguous();
-  // A CPU tensor is checked here for free; on CUDA this would cost a device sync per call, so the
-  // CUDA launcher checks the range with a device-side assert instead.
-  if (w_acc.device().is_cpu()) {
+  const bool check_on_host = host_scalar || (w_acc.device().is_cpu() && site == KernelSite::kCpu);
+  double value = 0;
+  if (check_on_host) {
     AT_DISPATCH_FLOATING_TYPES(acc_type, "harmonica_check_w", [&] {
       const scalar_t* data = w_acc.const_data_ptr<scalar_t>();
       for (int64_t i = 0; i < w_acc.numel(); ++i) {
         TORCH_CHECK(data[i] >= 0 && data[i] <= 1, op, ": `w` must lie in [0, 1] (a sigmoid routing weight), got ",
                     data[i], " at position ", i, "; pass torch.sigmoid(logits) or clamp it.");
       }
+      value = host_scalar ? static_cast<double>(data[0]) : 0.0;
     });
   }
-  return w_acc;
+  return PreparedW{std::move(w_acc), host_scalar, value, !check_on_host};
+}
+
+// Byte range [begin, end) spanned by a tensor's elements (strides are never negative in torch).
+struct ByteRange {
+  std::uintptr_t begin;
+  std::uintptr_t end;
+};
+
+ByteRange byte_range(const at::Tensor& t) {
+  if (t.numel() == 0) {
+    return {0, 0};
+  }
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    last += (t.size(d) - 1) * t.stride(d);
+  }
+  const auto begin = reinterpret_cast<std::uintptr_t>(t.const_data_ptr());
+  return {begin, begin + static_cast<std::uintptr_t>((last + 1) * static_cast<int64_t>(t.element_size()))};
+}
+
+bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.const_data_ptr() == b.const_data_ptr() && a.scalar_type() == b.scalar_type() && a.sizes() == b.sizes() &&
+         a.strides() == b.strides();
+}
+
+struct Named {
+  const char* name;
+  const at::Tensor& tensor;
+};
+
+// A tensor the op writes must share no memory with any other argument. With an overlap, the result
+// depends on the order in which elements are read and written, which differs between the CPU
+// kernels (row by row) and the GPU (packs in any order, concurrently): ATen refuses the same
+// aliasing. The conservative byte-range test may also refuse interleaved strided views that touch
+// no common element; the fix is the same.
+void check_no_overlap(const char* op, const Named& written, std::initializer_list<Named> others) {
+  const ByteRange w = byte_range(written.tensor);
+  for (const Named& other : others) {
+    if (other.tensor.device() != written.tensor.device()) {
+      continue;
+    }
+    const ByteRange o = byte_range(other.tensor);
+    TORCH_CHECK(w.begin >= o.end || o.begin >= w.end, op, ": `", written.name, "` is written by this op and shares ",
+                "memory with `", other.name, "`; the result would depend on the order in which the kernel reads and ",
+                "writes elements. Pass a `", written.name, "` of its own (e.g. torch.empty_like(x)) or ", other.name,
+                ".clone().");
+  }
 }
 
 at::Tensor prepare_index(const char* op, const at::Tensor& index, const at::Tensor& x, int64_t max_rows) {
@@ -105,36 +172,51 @@ GatedResidualInputs prepare_cache_write(const char* op, const at::Tensor& x, con
   check_like(op, "branch", branch, "x", x);
   check_like(op, "cache", cache, "x", x);
   check_writable(op, "cache", cache);
+  at::Tensor gate_2d = prepare_gate(op, gate, x, shape);
+  // Refreshing a slot from itself is the one aliasing that is well defined: nothing to copy.
+  const bool branch_is_cache = same_view(branch, cache);
+  if (branch_is_cache) {
+    check_no_overlap(op, {"cache", cache}, {{"x", x}, {"gate", gate}});
+  } else {
+    check_no_overlap(op, {"cache", cache}, {{"x", x}, {"gate", gate}, {"branch", branch}});
+  }
   if (x_in_place) {
     check_writable(op, "x", x);
+    check_no_overlap(op, {"x", x}, {{"gate", gate}, {"branch", branch}, {"cache", cache}});
   }
-  return GatedResidualInputs{shape, x.contiguous(), prepare_gate(op, gate, x, shape), branch.contiguous()};
+  return GatedResidualInputs{shape, x.contiguous(), std::move(gate_2d), branch.contiguous(), !branch_is_cache};
 }
 
 GatedResidualInputs prepare_cache_read(const char* op, const at::Tensor& x, const at::Tensor& gate,
                                        const at::Tensor& cache, bool x_in_place) {
   const HiddenShape shape = check_hidden_states(op, "x", x);
   check_like(op, "cache", cache, "x", x);
+  at::Tensor gate_2d = prepare_gate(op, gate, x, shape);
   if (x_in_place) {
     check_writable(op, "x", x);
+    check_no_overlap(op, {"x", x}, {{"gate", gate}, {"cache", cache}});
   }
-  return GatedResidualInputs{shape, x.contiguous(), prepare_gate(op, gate, x, shape), cache.contiguous()};
+  return GatedResidualInputs{shape, x.contiguous(), std::move(gate_2d), cache.contiguous(), false};
 }
 
 BlendInputs prepare_blend(const char* op, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh,
-                          const at::Tensor& cache, const at::Tensor& w) {
+                          const at::Tensor& cache, const at::Tensor& w, KernelSite site) {
   const HiddenShape shape = check_hidden_states(op, "x", x);
   check_like(op, "fresh", fresh, "x", x);
   check_like(op, "cache", cache, "x", x);
-  at::Tensor w_acc = prepare_w(op, w, x, shape);
-  const int64_t w_batch_stride = w_acc.dim() == 0 ? 0 : 1;
+  at::Tensor gate_2d = prepare_gate(op, gate, x, shape);
+  PreparedW prepared = prepare_w(op, w, x, shape, site);
+  const int64_t w_batch_stride = prepared.w.dim() == 0 ? 0 : 1;
   return BlendInputs{shape,
                      x.contiguous(),
-                     prepare_gate(op, gate, x, shape),
+                     std::move(gate_2d),
                      fresh.contiguous(),
                      cache.contiguous(),
-                     std::move(w_acc),
-                     w_batch_stride};
+                     std::move(prepared.w),
+                     w_batch_stride,
+                     prepared.on_host,
+                     prepared.value,
+                     prepared.needs_device_check};
 }
 
 GatherRowsInputs prepare_gather_rows(const char* op, const at::Tensor& x, const at::Tensor& index) {
@@ -160,8 +242,13 @@ GatedMergeInputs prepare_gated_merge(const char* op, const at::Tensor& x, const 
               op, ": `branch_active` must have shape (len(index), N, D) = (", index_c.size(0), ", ", shape.tokens, ", ",
               shape.hidden, "), got ", branch_active.sizes(),
               "; compute the branch on gather_rows(h, index) so it has one row per entry of `index`.");
-  return GatedMergeInputs{shape, x.contiguous(), prepare_gate(op, gate, x, shape), branch_active.contiguous(),
-                          std::move(index_c)};
+  at::Tensor gate_2d = prepare_gate(op, gate, x, shape);
+  check_no_overlap(op, {"cache", cache}, {{"x", x}, {"gate", gate}, {"branch_active", branch_active}, {"index", index}});
+  if (x_in_place) {
+    check_no_overlap(op, {"x", x},
+                     {{"gate", gate}, {"branch_active", branch_active}, {"index", index}, {"cache", cache}});
+  }
+  return GatedMergeInputs{shape, x.contiguous(), std::move(gate_2d), branch_active.contiguous(), std::move(index_c)};
 }
 
 at::Tensor slot_of_row_cpu(const char* op, const at::Tensor& index, int64_t batch) {

@@ -1,6 +1,7 @@
 // Input validation and normalisation shared by the CPU kernels, the CUDA kernels and the simulated
 // CUDA threads. Every failure is a TORCH_CHECK naming the op, the argument, the expected and the
-// received value, and the fix.
+// received value, and the fix. Everything here runs on the host and reads no device memory, so none
+// of it synchronises with a GPU.
 #pragma once
 
 #include <cstdint>
@@ -18,14 +19,24 @@ struct HiddenShape {
   int64_t numel() const { return batch * tokens * hidden; }
 };
 
+// Where the op's kernels run, which decides what can be validated on the host: the CPU kernels read
+// their inputs on the host anyway, so every value is checked there; a device launch (CUDA, or its
+// CPU simulation, which stands in for it) can check values on the host only when they are already
+// there (a 0-dim CPU `w`), and checks the rest with its check kernels.
+enum class KernelSite { kCpu, kDevice };
+
 // Read-only inputs are made contiguous (a copy only when the caller passed a strided view);
 // in-place targets must already be contiguous. `gate` is returned as a (B, D) view with unit
-// channel stride, keeping the batch stride of chunked adaLN outputs without a copy.
+// channel stride, keeping the batch stride of chunked adaLN outputs without a copy. Every tensor
+// the op writes must share no memory with any other argument (see check_no_overlap in checks.cpp).
 struct GatedResidualInputs {
   HiddenShape shape;
   at::Tensor x;
   at::Tensor gate;
   at::Tensor value;
+  // cache_write only: false when `branch` is the cache slot itself (a slot refreshed from itself),
+  // where writing the slot would copy every element onto itself.
+  bool write_cache;
 };
 
 // cache_write / cache_write_: `cache` is overwritten with `branch`.
@@ -42,12 +53,19 @@ struct BlendInputs {
   at::Tensor gate;
   at::Tensor fresh;
   at::Tensor cache;
-  at::Tensor w;  // contiguous, accumulation dtype, 0-dim or (B,)
+  at::Tensor w;  // contiguous, accumulation dtype, 0-dim or (B,); on the CPU when w_on_host
   int64_t w_batch_stride;
+  // `w` is a 0-dim CPU tensor, checked on the host and passed to a device kernel by value (its
+  // value, read on the host, is w_value) instead of being read from device memory.
+  bool w_on_host;
+  double w_value;
+  // `w` lives where the kernels run and has not been range-checked yet: the device launcher checks
+  // it with a check kernel.
+  bool w_needs_device_check;
 };
 
 BlendInputs prepare_blend(const char* op, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh,
-                          const at::Tensor& cache, const at::Tensor& w);
+                          const at::Tensor& cache, const at::Tensor& w, KernelSite site);
 
 struct GatherRowsInputs {
   HiddenShape shape;
@@ -70,8 +88,8 @@ GatedMergeInputs prepare_gated_merge(const char* op, const at::Tensor& x, const 
                                      const at::Tensor& cache, bool x_in_place);
 
 // Host-side map sample -> position in `index` (-1 when absent). Raises on out-of-range or
-// duplicate entries. Used by the CPU kernels and the simulated CUDA threads; the CUDA path builds
-// the same map on the device (device-side assert instead of a host sync).
+// duplicate entries. Used by the CPU kernels; a device launch builds the same map with a check
+// kernel (cuda/thread_bodies.h, SlotOfRowBody).
 at::Tensor slot_of_row_cpu(const char* op, const at::Tensor& index, int64_t batch);
 
 // Raises unless every gather index lies in [0, batch). CPU tensors only.

@@ -45,9 +45,11 @@ TORCH_LIBRARY(harmonica, m) {
   // out = x + gate * cache (a step that skips the branch).
   m.def("cache_read(Tensor x, Tensor gate, Tensor cache) -> Tensor");
   m.def("cache_read_(Tensor(a!) x, Tensor gate, Tensor cache) -> ()");
-  // out = x + gate * (w * fresh + (1 - w) * cache): the soft forward used to train the router.
+  // out = x + gate * (w * fresh + (1 - w) * cache): the soft forward used to train the router. w is
+  // 0-dim or (B,) on x's device, or a 0-dim CPU tensor (a host scalar, checked on the host).
   m.def("blend(Tensor x, Tensor gate, Tensor fresh, Tensor cache, Tensor w) -> Tensor");
   // (grad_gate, grad_fresh, grad_w) of blend in one pass; grad_x is grad_out and cache gets none.
+  // grad_w is on grad_out's device (also for a 0-dim CPU w, which would otherwise cost a copy back).
   m.def("blend_backward(Tensor grad_out, Tensor gate, Tensor fresh, Tensor cache, Tensor w) -> (Tensor, Tensor, Tensor)");
   // x[index] for a per-sample schedule: the samples whose branch is computed this step.
   m.def("gather_rows(Tensor x, Tensor index) -> Tensor");
@@ -55,19 +57,26 @@ TORCH_LIBRARY(harmonica, m) {
   m.def("gated_merge(Tensor x, Tensor gate, Tensor branch_active, Tensor index, Tensor(a!) cache) -> Tensor");
   m.def("gated_merge_(Tensor(a!) x, Tensor gate, Tensor branch_active, Tensor index, Tensor(b!) cache) -> ()");
 
-  // Test hooks (CPU only): run the per-thread body of the CUDA kernel on the CPU for every
-  // simulated (block, thread) of a 1-D launch. grid_dim == 0 uses the launcher's grid size;
-  // vector_width == 0 uses the launcher's choice, 1 forces the scalar path, 16 / itemsize forces
-  // 16-byte packs (an error if the pointers or shape do not allow it).
+  // Test hooks (CPU only): the CUDA launcher of the op (cuda/launchers.h) with every simulated
+  // (block, thread) of each launch run on the CPU. block_dim and grid_dim shape the 1-D launches
+  // (grid_dim == 0: the launcher's grid); vector_width == 0 takes the launcher's pack width, a
+  // power of two forces that width (an error if the pointers or shape do not allow it); max_packs
+  // (0: the launcher's 2^31 - 1) caps the packs per launch, splitting the batch into several launches.
+  // The `_` variants are the in-place launches (x is the output).
   m.def("_simulate_cuda_cache_write(Tensor x, Tensor gate, Tensor branch, Tensor(a!) cache, int block_dim, "
-        "int grid_dim, int vector_width) -> Tensor");
+        "int grid_dim, int vector_width, int max_packs=0) -> Tensor");
+  m.def("_simulate_cuda_cache_write_(Tensor(a!) x, Tensor gate, Tensor branch, Tensor(b!) cache, int block_dim, "
+        "int grid_dim, int vector_width, int max_packs=0) -> ()");
   m.def("_simulate_cuda_cache_read(Tensor x, Tensor gate, Tensor cache, int block_dim, int grid_dim, "
-        "int vector_width) -> Tensor");
+        "int vector_width, int max_packs=0) -> Tensor");
+  m.def("_simulate_cuda_cache_read_(Tensor(a!) x, Tensor gate, Tensor cache, int block_dim, int grid_dim, "
+        "int vector_width, int max_packs=0) -> ()");
   m.def("_simulate_cuda_blend(Tensor x, Tensor gate, Tensor fresh, Tensor cache, Tensor w, int block_dim, "
-        "int grid_dim, int vector_width) -> Tensor");
+        "int grid_dim, int vector_width, int max_packs=0) -> Tensor");
   m.def("_simulate_cuda_blend_backward(Tensor grad_out, Tensor gate, Tensor fresh, Tensor cache, Tensor w, "
-        "int block_dim, int grid_dim, int vector_width) -> (Tensor, Tensor, Tensor)");
-  m.def("_simulate_cuda_gather_rows(Tensor x, Tensor index, int block_dim, int grid_dim, int vector_width) -> Tensor");
+        "int block_dim, int grid_dim, int vector_width, int max_packs=0) -> (Tensor, Tensor, Tensor)");
   m.def("_simulate_cuda_gated_merge(Tensor x, Tensor gate, Tensor branch_active, Tensor index, Tensor(a!) cache, "
-        "int block_dim, int grid_dim, int vector_width) -> Tensor");
+        "int block_dim, int grid_dim, int vector_width, int max_packs=0) -> Tensor");
+  m.def("_simulate_cuda_gated_merge_(Tensor(a!) x, Tensor gate, Tensor branch_active, Tensor index, "
+        "Tensor(b!) cache, int block_dim, int grid_dim, int vector_width, int max_packs=0) -> ()");
 }

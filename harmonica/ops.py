@@ -8,9 +8,19 @@ Contiguity: read-only inputs may be strided (they are made contiguous, or for ``
 its batch stride); tensors written in place (``cache``, and ``x`` for the ``*_`` variants) must be
 contiguous, otherwise a clear error is raised.
 
-Validation happens in C++ and names the argument. Two checks differ by device, to keep CUDA free
-of host synchronisations: ``w`` outside [0, 1] and out-of-range or duplicate indices raise a
-RuntimeError on CPU, and trigger a device-side assert on CUDA (reported at the next sync).
+Aliasing: a tensor an op writes (``cache``, and ``x`` for the ``*_`` variants) must share no memory
+with any other argument, as ATen requires of its own ops; otherwise a RuntimeError names the pair.
+The one exception is ``cache_write(x, gate, cache, cache)``, a slot refreshed from itself.
+
+Validation happens in C++, on the host, and names the argument. Nothing synchronises with a GPU, so
+the only checks that differ by device are of values that live in GPU memory: on CUDA, a ``w`` tensor on
+the GPU outside [0, 1] (or NaN), an out-of-range ``index`` entry (gather_rows, gated_merge) and a
+repeated one (gated_merge) are caught on the GPU as a device-side assert (gather_rows runs
+``index_select``, which checks its indices the same way). PyTorch reports it at the next
+synchronisation as ``RuntimeError: CUDA error: device-side assert triggered`` (the assert's message in
+the kernel log names the op and the argument), and the CUDA context is unusable afterwards: the
+process must restart. The same inputs on the CPU raise a RuntimeError at the call. Pass ``w`` as a Python float or a 0-dim CPU tensor to have
+it checked on the host on every device (it is then a kernel argument, like a Python scalar).
 
 Autograd: every out-of-place op is differentiable in ``x``, ``gate`` and the branch (``branch``,
 ``fresh``, ``branch_active``) and, for ``blend``, ``w``; cache slots are detached and get no gradient.
@@ -110,14 +120,17 @@ def blend(
 ) -> torch.Tensor:
     """Return ``x + gate * (w * fresh + (1 - w) * cache)``, the soft forward used to train the router.
 
-    ``w`` is a 0-dim tensor, a per-sample (B,) tensor, or a Python float, all in [0, 1].
+    ``w`` is a 0-dim tensor, a per-sample (B,) tensor on x's device, or a Python float, all in [0, 1].
     Differentiable with respect to x, gate, fresh and w; ``cache`` is a detached slot and gets no
     gradient.
     """
     if not isinstance(w, torch.Tensor):
         if not 0.0 <= float(w) <= 1.0:
             raise ValueError(f"harmonica.blend: `w` must lie in [0, 1] (a sigmoid routing weight), got {w}")
-        w = torch.tensor(float(w), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+        # A 0-dim CPU tensor, whatever x's device: the kernels take it by value, so a CUDA call copies
+        # nothing to the device (torch.tensor(w, device="cuda") would wait for the GPU, and cannot be
+        # captured in a CUDA graph).
+        w = torch.scalar_tensor(float(w), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     x, gate, fresh, cache = _promoted(result_dtype(x, gate, fresh, cache), x, gate, fresh, cache)
     return _ops.blend.default(x, gate, fresh, cache, w)
 
@@ -185,7 +198,8 @@ def _(x, gate, fresh, cache, w):
 
 @torch.library.register_fake("harmonica::blend_backward")
 def _(grad_out, gate, fresh, cache, w):
-    return gate.new_empty(gate.shape), fresh.new_empty(fresh.shape), w.new_empty(w.shape)
+    # grad_w is on grad_out's device, also for a 0-dim CPU w (see _blend_backward).
+    return gate.new_empty(gate.shape), fresh.new_empty(fresh.shape), grad_out.new_empty(w.shape, dtype=w.dtype)
 
 
 @torch.library.register_fake("harmonica::gather_rows")
@@ -204,32 +218,42 @@ def _(x, gate, branch_active, index, cache):
 
 
 @torch.library.register_fake("harmonica::_simulate_cuda_cache_write")
-def _(x, gate, branch, cache, block_dim, grid_dim, vector_width):
+def _(x, gate, branch, cache, block_dim, grid_dim, vector_width, max_packs=0):
     return _like_hidden(x)
 
 
+@torch.library.register_fake("harmonica::_simulate_cuda_cache_write_")
+def _(x, gate, branch, cache, block_dim, grid_dim, vector_width, max_packs=0):
+    return None
+
+
+@torch.library.register_fake("harmonica::_simulate_cuda_cache_read_")
+def _(x, gate, cache, block_dim, grid_dim, vector_width, max_packs=0):
+    return None
+
+
+@torch.library.register_fake("harmonica::_simulate_cuda_gated_merge_")
+def _(x, gate, branch_active, index, cache, block_dim, grid_dim, vector_width, max_packs=0):
+    return None
+
+
 @torch.library.register_fake("harmonica::_simulate_cuda_cache_read")
-def _(x, gate, cache, block_dim, grid_dim, vector_width):
+def _(x, gate, cache, block_dim, grid_dim, vector_width, max_packs=0):
     return _like_hidden(x)
 
 
 @torch.library.register_fake("harmonica::_simulate_cuda_blend")
-def _(x, gate, fresh, cache, w, block_dim, grid_dim, vector_width):
+def _(x, gate, fresh, cache, w, block_dim, grid_dim, vector_width, max_packs=0):
     return _like_hidden(x)
 
 
 @torch.library.register_fake("harmonica::_simulate_cuda_blend_backward")
-def _(grad_out, gate, fresh, cache, w, block_dim, grid_dim, vector_width):
-    return gate.new_empty(gate.shape), fresh.new_empty(fresh.shape), w.new_empty(w.shape)
-
-
-@torch.library.register_fake("harmonica::_simulate_cuda_gather_rows")
-def _(x, index, block_dim, grid_dim, vector_width):
-    return x.new_empty((index.shape[0], *x.shape[1:]))
+def _(grad_out, gate, fresh, cache, w, block_dim, grid_dim, vector_width, max_packs=0):
+    return gate.new_empty(gate.shape), fresh.new_empty(fresh.shape), grad_out.new_empty(w.shape, dtype=w.dtype)
 
 
 @torch.library.register_fake("harmonica::_simulate_cuda_gated_merge")
-def _(x, gate, branch_active, index, cache, block_dim, grid_dim, vector_width):
+def _(x, gate, branch_active, index, cache, block_dim, grid_dim, vector_width, max_packs=0):
     return _like_hidden(x)
 
 
@@ -248,6 +272,8 @@ def _blend_backward(ctx, grad_out):
     if needs_gate or needs_fresh or needs_w:
         # One fused pass yields all three; the unused ones are cheap by-products of the same reads.
         grad_gate, grad_fresh, grad_w = _ops.blend_backward.default(grad_out, gate, fresh, cache, w)
+        if needs_w and grad_w.device != w.device:
+            grad_w = grad_w.to(w.device)  # a 0-dim CPU w that requires grad: the one copy back (a sync on CUDA)
     return (
         grad_out if needs_x else None,
         grad_gate if needs_gate else None,

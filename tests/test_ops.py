@@ -571,14 +571,16 @@ def test_tensors_beyond_a_quarter_of_the_llc_are_streamed_correctly(op, dtype, D
 
 
 # ---------------------------------------------------------------------------------------------------
-# The CUDA per-thread bodies, simulated on the CPU over every (block, thread)
+# The CUDA launchers (cuda/launchers.h) with every (block, thread) of each launch run on the CPU: the
+# same launch code, parameter structs and per-thread bodies as the CUDA build, including the check
+# kernels
 
 sim = torch.ops.harmonica
 
 # (block_dim, grid_dim): the launcher's grid; a single small block that must stride over
 # everything; several blocks of a warp each.
 LAUNCHES = [(256, 0), (32, 1), (32, 3)]
-SIM_SHAPES = [(1, 1, 8), (7, 3, 13), (2, 16, 64), (3, 5, 1)]
+SIM_SHAPES = [(1, 1, 8), (7, 3, 13), (2, 16, 64), (3, 5, 1), (2, 3, 12)]
 
 
 def launch_id(launch):
@@ -589,27 +591,24 @@ def packed_width(dtype):
     return 16 // torch.empty((), dtype=dtype).element_size()
 
 
-def vector_widths(shape, dtype, needs_row_multiple):
-    """0 = launcher's choice, 1 = scalar, packed where the shape allows it (inputs are aligned)."""
-    widths = [0, 1]
-    row = shape[1] * shape[2] if needs_row_multiple == "sample" else shape[2] if needs_row_multiple == "channel" else 1
-    if row % packed_width(dtype) == 0:
-        widths.append(packed_width(dtype))
-    return widths
+def vector_widths(shape, dtype):
+    """0 = the launcher's choice, then every power-of-two pack that divides the rows (inputs are
+    freshly allocated, so aligned): a pack never straddles a row."""
+    return [0] + [w for w in (1, 2, 4, 8, 16) if w <= packed_width(dtype) and shape[2] % w == 0]
 
 
-def sim_cases(needs_row_multiple):
+def sim_cases():
     return [
         pytest.param(shape, dtype, width, launch,
                      id=f"{shape_id(shape)}-{dtype_id(dtype)}-vec{width or 'auto'}-{launch_id(launch)}")
         for shape in SIM_SHAPES
         for dtype in DTYPES
-        for width in vector_widths(shape, dtype, needs_row_multiple)
+        for width in vector_widths(shape, dtype)
         for launch in LAUNCHES
     ]
 
 
-@pytest.mark.parametrize("shape,dtype,width,launch", sim_cases(None))
+@pytest.mark.parametrize("shape,dtype,width,launch", sim_cases())
 def test_simulated_cuda_cache_write_and_read(shape, dtype, width, launch):
     g = make_generator("sim_write", shape, dtype)
     x, branch = hidden(shape, dtype, "cpu", "contiguous", g), hidden(shape, dtype, "cpu", "contiguous", g)
@@ -620,82 +619,249 @@ def test_simulated_cuda_cache_write_and_read(shape, dtype, width, launch):
     torch.testing.assert_close(cache, branch, rtol=0, atol=0)
     read = sim._simulate_cuda_cache_read(x, gate, cache, launch[0], launch[1], width)
     assert_close(read, reference.cache_read(x, gate, cache))
+    # The in-place launches: out is x itself.
+    x_written, x_read, slot = x.clone(), x.clone(), torch.full(shape, float("nan"), dtype=dtype)
+    sim._simulate_cuda_cache_write_(x_written, gate, branch, slot, launch[0], launch[1], width)
+    assert_close(x_written, reference.cache_write(x, gate, branch, torch.empty_like(slot)))
+    torch.testing.assert_close(slot, branch, rtol=0, atol=0)
+    sim._simulate_cuda_cache_read_(x_read, gate, cache, launch[0], launch[1], width)
+    assert_close(x_read, read)
 
 
-@pytest.mark.parametrize("shape,dtype,width,launch", sim_cases(None))
-def test_simulated_cuda_blend(shape, dtype, width, launch):
-    g = make_generator("sim_blend", shape, dtype)
+@pytest.mark.parametrize("w_kind", W_KINDS)
+@pytest.mark.parametrize("shape,dtype,width,launch", sim_cases())
+def test_simulated_cuda_blend(shape, dtype, width, launch, w_kind):
+    # A (B,) w is read from (device) memory and range-checked by the check kernel; a 0-dim CPU w is a
+    # host scalar passed to the kernel by value.
+    g = make_generator("sim_blend", shape, dtype, w_kind)
     x, fresh, cache = (hidden(shape, dtype, "cpu", "contiguous", g) for _ in range(3))
     gate = adaln_gate(shape, dtype, "cpu", "strided", "2d", g)
-    w = make_w("per_sample", shape[0], "cpu", g)
+    w = make_w(w_kind, shape[0], "cpu", g)
     out = sim._simulate_cuda_blend(x, gate, fresh, cache, w, launch[0], launch[1], width)
     assert_close(out, reference.blend(x, gate, fresh, cache, w))
 
 
-@pytest.mark.parametrize("shape,dtype,width,launch", sim_cases("channel"))
+@pytest.mark.parametrize("shape,dtype,width,launch", sim_cases())
 def test_simulated_cuda_blend_backward(shape, dtype, width, launch):
     g = make_generator("sim_blend_bwd", shape, dtype)
     grad_out, fresh, cache = (hidden(shape, dtype, "cpu", "contiguous", g) for _ in range(3))
-    gate = adaln_gate(shape, dtype, "cpu", "contiguous", "2d", g)
-    w = make_w("scalar", shape[0], "cpu", g)
+    gate = adaln_gate(shape, dtype, "cpu", "strided", "2d", g)
+    w = make_w("per_sample", shape[0], "cpu", g)
     simulated = sim._simulate_cuda_blend_backward(grad_out, gate, fresh, cache, w, launch[0], launch[1], width)
     cpu_kernel = torch.ops.harmonica.blend_backward(grad_out, gate, fresh, cache, w)
-    B, N, D = shape
-    g64, f64, c64, go64, w64 = gate.double()[:, None], fresh.double(), cache.double(), grad_out.double(), w.double()
-    expected_gate = (go64 * (w64 * f64 + (1 - w64) * c64)).sum(1)
-    expected_fresh = go64 * g64 * w64
-    expected_w = (go64 * g64 * (f64 - c64)).sum()
-    assert_reduction_close(simulated[0], expected_gate, (go64 * (w64 * f64 + (1 - w64) * c64)).abs().sum(1), dtype)
-    assert_close(simulated[1], expected_fresh.to(dtype))
-    assert_reduction_close(simulated[2], expected_w, (go64 * g64 * (f64 - c64)).abs().sum(), torch.float32)
+    g64, f64, c64, go64 = gate.double()[:, None], fresh.double(), cache.double(), grad_out.double()
+    w64 = w.double()[:, None, None]
+    value = go64 * (w64 * f64 + (1 - w64) * c64)
+    w_terms = go64 * g64 * (f64 - c64)
+    assert_reduction_close(simulated[0], value.sum(1), value.abs().sum(1), dtype)
+    assert_close(simulated[1], (go64 * g64 * w64).to(dtype))
+    assert_reduction_close(simulated[2], w_terms.sum((1, 2)), w_terms.abs().sum((1, 2)), torch.float32)
     # grad_fresh is elementwise: the simulated GPU and the CPU kernel must agree to the last bit
     # up to float32 operation order, which for one product chain is identical.
     torch.testing.assert_close(simulated[1], cpu_kernel[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("shape,dtype,width,launch", sim_cases("sample"))
-def test_simulated_cuda_gather_rows_and_gated_merge(shape, dtype, width, launch):
+@pytest.mark.parametrize("shape,dtype,width,launch", sim_cases())
+def test_simulated_cuda_gated_merge(shape, dtype, width, launch):
     B, N, D = shape
     g = make_generator("sim_merge", shape, dtype)
     x = hidden(shape, dtype, "cpu", "contiguous", g)
-    gate = adaln_gate(shape, dtype, "cpu", "contiguous", "2d", g)
+    gate = adaln_gate(shape, dtype, "cpu", "strided", "2d", g)
     index = random_index(B, (B + 1) // 2, g, "cpu")
-    gathered = sim._simulate_cuda_gather_rows(x, index, launch[0], launch[1], width)
-    torch.testing.assert_close(gathered, x[index], rtol=0, atol=0)
-
     branch_active = hidden((index.numel(), N, D), dtype, "cpu", "contiguous", g)
     cache = hidden(shape, dtype, "cpu", "contiguous", g)
     expected_cache = cache.clone()
     expected = reference.gated_merge(x, gate, branch_active, index, expected_cache)
+    slot_in_place = cache.clone()
     out = sim._simulate_cuda_gated_merge(x, gate, branch_active, index, cache, launch[0], launch[1], width)
     assert_close(out, expected)
     torch.testing.assert_close(cache, expected_cache, rtol=0, atol=0)
+    x_in_place = x.clone()
+    sim._simulate_cuda_gated_merge_(x_in_place, gate, branch_active, index, slot_in_place, launch[0], launch[1], width)
+    assert_close(x_in_place, expected)
+    torch.testing.assert_close(slot_in_place, expected_cache, rtol=0, atol=0)
 
 
-def misaligned(shape, dtype, generator):
-    """A contiguous tensor whose data starts one element past a 16-byte boundary."""
-    storage = torch.randn(math.prod(shape) + 1, generator=generator).to(dtype)
-    return storage[1:].view(shape)
+def offset_view(shape, dtype, elements, generator):
+    """A contiguous tensor whose data starts `elements` elements past a 16-byte boundary."""
+    storage = torch.randn(math.prod(shape) + elements, generator=generator).to(dtype)
+    return storage[elements:].view(shape)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_simulated_cuda_falls_back_to_scalar_loads_when_misaligned(dtype):
+@pytest.mark.parametrize("offset_bytes", [2, 4, 8])
+def test_simulated_cuda_takes_the_widest_pack_the_alignment_allows(dtype, offset_bytes):
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if offset_bytes % itemsize:
+        pytest.skip("offset is not a whole element")
     shape = (2, 4, 64)
-    g = make_generator("misaligned", dtype)
-    x, branch = misaligned(shape, dtype, g), hidden(shape, dtype, "cpu", "contiguous", g)
+    g = make_generator("misaligned", dtype, offset_bytes)
+    x, branch = offset_view(shape, dtype, offset_bytes // itemsize, g), hidden(shape, dtype, "cpu", "contiguous", g)
     gate = adaln_gate(shape, dtype, "cpu", "contiguous", "2d", g)
     expected = reference.cache_read(x, gate, branch)
+    allowed = offset_bytes // itemsize  # the widest pack whose alignment the offset keeps
     # The launcher's own choice must notice the misalignment and stay correct...
     assert_close(sim._simulate_cuda_cache_read(x, gate, branch, 64, 0, 0), expected)
-    # ...because 16-byte packs are refused for these pointers.
-    with pytest.raises(RuntimeError, match="needs 16-byte aligned pointers"):
-        sim._simulate_cuda_cache_read(x, gate, branch, 64, 0, packed_width(dtype))
+    # ...with partial packs where the alignment allows them (an 8-byte aligned bfloat16 view: 4 wide)...
+    assert_close(sim._simulate_cuda_cache_read(x, gate, branch, 64, 0, allowed), expected)
+    # ...and refuse anything wider.
+    with pytest.raises(RuntimeError, match="needs .*-byte aligned pointers"):
+        sim._simulate_cuda_cache_read(x, gate, branch, 64, 0, 2 * allowed)
 
 
-def test_simulated_cuda_refuses_packs_that_would_straddle_samples():
-    x = torch.randn(3, 1, 13)  # N * D = 13 is not a multiple of the float32 pack width 4
-    with pytest.raises(RuntimeError, match="multiple of the pack width"):
-        sim._simulate_cuda_gather_rows(x, torch.tensor([2, 0]), 32, 0, 4)
+def test_simulated_cuda_refuses_packs_that_would_straddle_rows():
+    x = torch.randn(3, 2, 13)  # D = 13 is odd: only single elements fit a row
+    gate, cache = torch.randn(3, 13), torch.randn(3, 2, 13)
+    with pytest.raises(RuntimeError, match="multiple of the pack width; these inputs allow at most 1"):
+        sim._simulate_cuda_cache_read(x, gate, cache, 32, 0, 4)
+
+
+@pytest.mark.parametrize("max_packs", [6, 7, 25])
+def test_simulated_cuda_splits_large_launches_by_samples(max_packs):
+    # 5 samples of 2 x 12 float32 = 6 packs each: one sample per launch (max 6 or 7), or 4 then 1 (max 25).
+    # Each launch offsets every pointer by its first sample, the per-sample w and slot_of_row too.
+    shape = (5, 2, 12)
+    g = make_generator("split", max_packs)
+    x, fresh, cache = (torch.randn(*shape, generator=g) for _ in range(3))
+    gate = adaln_gate(shape, torch.float32, "cpu", "strided", "2d", g)
+    w = make_w("per_sample", 5, "cpu", g)
+    assert_close(sim._simulate_cuda_blend(x, gate, fresh, cache, w, 32, 0, 0, max_packs),
+                 reference.blend(x, gate, fresh, cache, w))
+    slot = torch.full(shape, float("nan"))
+    assert_close(sim._simulate_cuda_cache_write(x, gate, fresh, slot, 32, 0, 0, max_packs),
+                 reference.cache_write(x, gate, fresh, torch.empty_like(slot)))
+    torch.testing.assert_close(slot, fresh, rtol=0, atol=0)
+    index = torch.tensor([4, 1, 2])
+    merged_slot, expected_slot = cache.clone(), cache.clone()
+    expected = reference.gated_merge(x, gate, fresh[index], index, expected_slot)
+    assert_close(sim._simulate_cuda_gated_merge(x, gate, fresh[index], index, merged_slot, 32, 0, 0, max_packs),
+                 expected)
+    torch.testing.assert_close(merged_slot, expected_slot, rtol=0, atol=0)
+    grads = sim._simulate_cuda_blend_backward(x, gate, fresh, cache, w, 32, 0, 0, max_packs)
+    for got, want in zip(grads, sim._simulate_cuda_blend_backward(x, gate, fresh, cache, w, 32, 0, 0)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # same sums, other launch boundaries
+
+
+# The check kernels use grid-stride loops: with more entries than the launcher's largest grid
+# (8192 blocks x 256 threads = 2^21 threads) every entry is still checked, so a bad one near the end
+# is caught, and every computed sample refreshes its slot.
+MANY = (1 << 21) + 37
+
+
+def test_simulated_cuda_w_check_covers_every_entry():
+    x, fresh, cache = (torch.zeros(MANY, 1, 1) for _ in range(3))
+    gate = torch.ones(MANY, 1)
+    w = torch.full((MANY,), 0.5)
+    w[MANY - 3] = 1.5
+    with pytest.raises(RuntimeError, match=rf"`w` must lie in \[0, 1\] \(entry {MANY - 3}; a device-side assert"):
+        sim._simulate_cuda_blend(x, gate, fresh, cache, w, 256, 0, 0)
+
+
+@pytest.mark.parametrize("bad", ["out_of_range", "repeated"])
+def test_simulated_cuda_index_check_covers_every_entry(bad):
+    x, cache = torch.zeros(MANY, 1, 1), torch.zeros(MANY, 1, 1)
+    gate = torch.ones(MANY, 1)
+    index = torch.arange(MANY - 1)
+    index[MANY - 4] = MANY if bad == "out_of_range" else MANY - 5
+    message = "out of range for the batch" if bad == "out_of_range" else "lists a sample twice"
+    with pytest.raises(RuntimeError, match=rf"`index` {message}.*\(entry {MANY - 4}; a device-side assert"):
+        sim._simulate_cuda_gated_merge(x, gate, torch.ones(MANY - 1, 1, 1), index, cache, 256, 0, 0)
+
+
+def test_simulated_cuda_gated_merge_refreshes_every_slot_beyond_one_grid():
+    x = torch.zeros(MANY, 1, 1)
+    gate = torch.ones(MANY, 1)
+    index = torch.arange(MANY - 1, -1, -1)  # every sample computed, listed in reverse
+    branch_active = torch.arange(MANY, dtype=torch.float32).flip(0).view(MANY, 1, 1)
+    cache = torch.full((MANY, 1, 1), -1.0)
+    out = sim._simulate_cuda_gated_merge(x, gate, branch_active, index, cache, 256, 0, 0)
+    expected = torch.arange(MANY, dtype=torch.float32).view(MANY, 1, 1)
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Aliasing: a tensor an op writes shares no memory with another argument (refused on every device;
+# with an overlap the CPU kernels and the GPU read and write elements in different orders)
+
+
+def _aliasing_cases():
+    """(name, call(module), argument names in the error): every written tensor against the arguments
+    it could alias. `module` is ops (the CPU kernels) or `simulated` (the CUDA launchers)."""
+    g = make_generator("alias")
+    shape = (3, 4, 8)
+
+    def fresh():
+        return torch.randn(*shape, generator=g)
+
+    gate = torch.randn(3, 8, generator=g)
+    index = torch.tensor([2, 0])
+    storage = torch.randn(4 * 4 * 8, generator=g)
+    slot_view, branch_view = storage[: 3 * 32].view(shape), storage[32:].view(shape)  # overlap in 2 samples
+    x_for_gate = fresh()
+    return [
+        ("cache_write_ cache=x", lambda m, x=fresh(): m.cache_write_(x, gate, fresh(), x), ("cache", "x")),
+        ("cache_write cache=x", lambda m, x=fresh(): m.cache_write(x, gate, fresh(), x), ("cache", "x")),
+        ("cache_write branch overlaps slot", lambda m: m.cache_write(fresh(), gate, branch_view, slot_view),
+         ("cache", "branch")),
+        ("cache_write_ branch=x", lambda m, x=fresh(): m.cache_write_(x, gate, x, torch.zeros(shape)), ("x", "branch")),
+        ("cache_write_ gate in x", lambda m: m.cache_write_(x_for_gate, x_for_gate[:, 0], fresh(), torch.zeros(shape)),
+         ("x", "gate")),
+        ("cache_read_ cache=x", lambda m, x=fresh(): m.cache_read_(x, gate, x), ("x", "cache")),
+        ("gated_merge cache=x", lambda m, x=fresh(): m.gated_merge(x, gate, fresh()[:2], index, x), ("cache", "x")),
+        ("gated_merge_ cache=x", lambda m, x=fresh(): m.gated_merge_(x, gate, fresh()[:2], index, x), ("cache", "x")),
+        ("gated_merge branch is the slot", lambda m, c=fresh(): m.gated_merge(fresh(), gate, c[:2], index, c),
+         ("cache", "branch_active")),
+        ("gated_merge_ branch is x", lambda m, x=fresh(): m.gated_merge_(x, gate, x[1:], index, fresh()),
+         ("x", "branch_active")),
+    ]
+
+
+class simulated:
+    """The slot-writing ops' signatures over the simulated CUDA launchers."""
+
+    @staticmethod
+    def cache_write(x, gate, branch, cache):
+        return sim._simulate_cuda_cache_write(x, gate, branch, cache, 32, 0, 0)
+
+    @staticmethod
+    def cache_write_(x, gate, branch, cache):
+        sim._simulate_cuda_cache_write_(x, gate, branch, cache, 32, 0, 0)
+
+    @staticmethod
+    def cache_read_(x, gate, cache):
+        sim._simulate_cuda_cache_read_(x, gate, cache, 32, 0, 0)
+
+    @staticmethod
+    def gated_merge(x, gate, branch_active, index, cache):
+        return sim._simulate_cuda_gated_merge(x, gate, branch_active, index, cache, 32, 0, 0)
+
+    @staticmethod
+    def gated_merge_(x, gate, branch_active, index, cache):
+        sim._simulate_cuda_gated_merge_(x, gate, branch_active, index, cache, 32, 0, 0)
+
+
+@pytest.mark.parametrize("name,call,names", _aliasing_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_writes_into_memory_another_argument_uses_are_refused(name, call, names):
+    written, other = names
+    with pytest.raises(RuntimeError, match=rf"`{written}` is written by this op and shares memory with `{other}`"):
+        call(ops)
+
+
+@pytest.mark.parametrize("name,call,names", _aliasing_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_simulated_cuda_refuses_the_same_aliasing(name, call, names):
+    written, other = names
+    with pytest.raises(RuntimeError, match=rf"`{written}` is written by this op and shares memory with `{other}`"):
+        call(simulated)
+
+
+def test_aliasing_refusal_writes_nothing():
+    g = make_generator("alias_untouched")
+    x, branch = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    before = x.clone()
+    with pytest.raises(RuntimeError, match="shares memory"):
+        ops.cache_write_(x, torch.randn(2, 4, generator=g), branch, x)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -867,3 +1033,117 @@ def test_cuda_blend_backward_matches_cpu(dtype):
     gpu = torch.ops.harmonica.blend_backward(grad_out.cuda(), gate.cuda(), fresh.cuda(), cache.cuda(), w.cuda())
     for c, d in zip(cpu, gpu):
         torch.testing.assert_close(d.cpu(), c, rtol=2 * TOLERANCES[dtype]["rtol"], atol=1e-3)
+
+
+def cuda_offset_view(shape, dtype, elements, generator):
+    """A contiguous CUDA tensor whose data starts `elements` elements past a 16-byte boundary."""
+    storage = torch.randn(math.prod(shape) + elements, generator=generator).to(dtype).cuda()
+    return storage[elements:].view(shape)
+
+
+@requires_cuda
+@pytest.mark.parametrize("offset_bytes", [0, 2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cuda_every_pack_width(dtype, offset_bytes):
+    # 16-byte packs when aligned; an offset of 8, 4 or 2 bytes leaves 8-, 4- or 2-byte packs (one
+    # element for float32 at 2 and 4 bytes), the widest the alignment allows.
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if offset_bytes % itemsize:
+        pytest.skip("offset is not a whole element")
+    shape, k = (3, 4, 64), offset_bytes // itemsize
+    g = make_generator("cuda_packs", dtype, offset_bytes)
+    x, branch, slot = (cuda_offset_view(shape, dtype, k, g) for _ in range(3))
+    gate = cuda_offset_view((3, 64), dtype, k, g)
+    w = torch.rand(3, generator=g).cuda()
+    index = torch.tensor([2, 0], device="cuda")
+    assert_close(ops.cache_read(x, gate, slot), reference.cache_read(x, gate, slot))
+    assert_close(ops.blend(x, gate, branch, slot, w), reference.blend(x, gate, branch, slot, w))
+    merged, expected_slot = slot.clone(), slot.clone()
+    expected = reference.gated_merge(x, gate, branch[:2], index, expected_slot)
+    assert_close(ops.gated_merge(x, gate, branch[:2].contiguous(), index, merged), expected)
+    torch.testing.assert_close(merged, expected_slot, rtol=0, atol=0)
+    written = ops.cache_write(x, gate, branch, slot)
+    assert_close(written, reference.cache_write(x, gate, branch, torch.empty_like(slot)))
+    torch.testing.assert_close(slot, branch, rtol=0, atol=0)
+
+
+@requires_cuda
+def test_cuda_ops_beyond_one_launch_grid():
+    # More packs and more index entries than the largest grid has threads (2^21): every pack is
+    # computed and every computed sample refreshes its slot.
+    x = torch.zeros(MANY, 1, 1, device="cuda")
+    gate = torch.ones(MANY, 1, device="cuda")
+    index = torch.arange(MANY - 1, -1, -1, device="cuda")
+    branch_active = torch.arange(MANY, dtype=torch.float32, device="cuda").flip(0).view(MANY, 1, 1)
+    cache = torch.full((MANY, 1, 1), -1.0, device="cuda")
+    out = ops.gated_merge(x, gate, branch_active, index, cache)
+    expected = torch.arange(MANY, dtype=torch.float32, device="cuda").view(MANY, 1, 1)
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    w = torch.rand(MANY, device="cuda")
+    fresh = torch.ones(MANY, 1, 1, device="cuda")
+    assert_close(ops.blend(x, gate, fresh, cache, w), reference.blend(x, gate, fresh, cache, w))
+
+
+@requires_cuda
+@pytest.mark.parametrize("w_form", ["python_float", "cpu_0dim"])
+def test_cuda_blend_with_a_host_scalar_w(w_form):
+    # w as a Python float or a 0-dim CPU tensor is a kernel argument: nothing is copied to the GPU.
+    g = make_generator("cuda_host_w", w_form)
+    x, fresh, cache = (torch.randn(2, 5, 16, generator=g).cuda().requires_grad_() for _ in range(3))
+    gate = torch.randn(2, 16, generator=g).cuda().requires_grad_()
+    w = 0.3 if w_form == "python_float" else torch.tensor(0.3, requires_grad=True)
+    out = ops.blend(x, gate, fresh, cache.detach(), w)
+    assert_close(out, reference.blend(x, gate, fresh, cache, torch.tensor(0.3)))
+    out.sum().backward()
+    assert_close(fresh.grad, (0.3 * gate[:, None, :]).expand_as(fresh).detach())
+    if w_form == "cpu_0dim":  # its gradient comes back to the CPU
+        expected = (gate[:, None, :] * (fresh - cache)).sum().detach().cpu()
+        assert w.grad.device.type == "cpu"
+        torch.testing.assert_close(w.grad, expected, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda
+def test_cuda_errors_that_need_no_sync_are_raised_at_the_call():
+    x = torch.zeros(2, 3, 8, device="cuda")
+    gate = torch.ones(2, 8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"`w` must lie in \[0, 1\].*got 1.5"):
+        ops.blend(x, gate, x, x, torch.tensor(1.5))
+    with pytest.raises(RuntimeError, match=r"`w` is on cpu but `x` is on cuda:0.*0-dim CPU tensor"):
+        ops.blend(x, gate, x, x, torch.full((2,), 0.5))
+    with pytest.raises(RuntimeError, match=r"`index` has 3 entries but `x` has only 2 samples"):
+        ops.gated_merge(x, gate, torch.zeros(3, 3, 8, device="cuda"), torch.tensor([0, 1, 1], device="cuda"),
+                        torch.zeros_like(x))
+    with pytest.raises(RuntimeError, match=r"`cache` is written by this op and shares memory with `x`"):
+        ops.cache_write_(x, gate, torch.ones_like(x), x)
+
+
+DEVICE_ASSERT_SCRIPT = """
+import torch
+from harmonica import ops
+x, gate = torch.zeros(4, 2, 8, device="cuda"), torch.ones(4, 8, device="cuda")
+if "{case}" == "w":
+    ops.blend(x, gate, x.clone(), x.clone(), torch.tensor([0.5, 0.5, 2.0, 0.5], device="cuda"))
+else:
+    ops.gated_merge(x, gate, torch.ones(2, 2, 8, device="cuda"), torch.tensor([1, 1], device="cuda"), torch.zeros_like(x))
+torch.cuda.synchronize()
+print("no error")
+"""
+
+
+@requires_cuda
+@pytest.mark.parametrize("case,message", [("w", "harmonica.blend: `w` must lie in [0, 1]"),
+                                          ("index", "harmonica.gated_merge: `index` lists a sample twice")])
+def test_cuda_bad_values_in_device_memory_are_a_device_side_assert(case, message):
+    # What the user sees (documented in harmonica/ops.py): the call returns, the next synchronisation
+    # raises, and the process's CUDA context is lost - hence a subprocess.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-c", DEVICE_ASSERT_SCRIPT.format(case=case)], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "no error" not in output
+    assert "device-side assert triggered" in output
+    assert message in output

@@ -164,12 +164,9 @@ at::Tensor gate_in_acc_type(const at::Tensor& gate_2d) {
 }
 
 // Copies one cache row, with non-temporal stores when `stream` (see written_around_cache). Callers
-// must issue finish_streaming_stores() before the parallel region ends. Overlapping source and target
-// (a slot refreshed from itself) is a no-op.
+// must issue finish_streaming_stores() before the parallel region ends. Source and target never
+// overlap: the ops refuse aliasing slots, and a slot refreshed from itself is not copied at all.
 void copy_row(void* target, const void* source, int64_t bytes, bool stream) {
-  if (target == source) {
-    return;
-  }
   if (!stream) {
     std::memcpy(target, source, bytes);
     return;
@@ -305,13 +302,13 @@ at::Tensor run_gated_residual(const GatedResidualInputs& in, const at::Tensor& o
 at::Tensor cache_write_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch,
                            const at::Tensor& cache) {
   const GatedResidualInputs in = prepare_cache_write("harmonica.cache_write", x, gate, branch, cache, false);
-  return run_gated_residual(in, at::empty(x.sizes(), x.options()), &cache);
+  return run_gated_residual(in, at::empty(x.sizes(), x.options()), in.write_cache ? &cache : nullptr);
 }
 
 void cache_write_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch,
                                    const at::Tensor& cache) {
   const GatedResidualInputs in = prepare_cache_write("harmonica.cache_write_", x, gate, branch, cache, true);
-  run_gated_residual(in, x, &cache);
+  run_gated_residual(in, x, in.write_cache ? &cache : nullptr);
 }
 
 at::Tensor cache_read_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& cache) {
@@ -372,7 +369,7 @@ void blend_kernel(const BlendInputs& in, scalar_t* out, bool stream_out) {
 
 at::Tensor blend_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh, const at::Tensor& cache,
                      const at::Tensor& w) {
-  const BlendInputs in = prepare_blend("harmonica.blend", x, gate, fresh, cache, w);
+  const BlendInputs in = prepare_blend("harmonica.blend", x, gate, fresh, cache, w, KernelSite::kCpu);
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (in.shape.numel() == 0) {
     return out;
@@ -444,7 +441,7 @@ void blend_backward_kernel(const BlendInputs& in, int64_t tokens_per_chunk, int6
 std::tuple<at::Tensor, at::Tensor, at::Tensor> blend_backward_cpu(const at::Tensor& grad_out, const at::Tensor& gate,
                                                                   const at::Tensor& fresh, const at::Tensor& cache,
                                                                   const at::Tensor& w) {
-  const BlendInputs in = prepare_blend("harmonica.blend_backward", grad_out, gate, fresh, cache, w);
+  const BlendInputs in = prepare_blend("harmonica.blend_backward", grad_out, gate, fresh, cache, w, KernelSite::kCpu);
   const HiddenShape s = in.shape;
   const int64_t tokens_per_chunk =
       std::max<int64_t>(1, (s.tokens + kBackwardChunks - 1) / kBackwardChunks);

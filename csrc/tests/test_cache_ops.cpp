@@ -1,10 +1,11 @@
-// C++ unit tests, built by CMakeLists.txt and run by ctest. They check the CUDA per-thread bodies
-// on the host (coverage of every element exactly once for many launch shapes, the arithmetic
-// against naive loops) and the registered CPU ops through the dispatcher, including error texts.
+// C++ unit tests, built by CMakeLists.txt and run by ctest (`make ctest`, part of CI). They check the
+// index math and the CUDA per-thread bodies on the host (fast division against the hardware's, every
+// pack visited exactly once for many launch shapes, the arithmetic against naive loops) and the
+// registered CPU ops through the dispatcher, including error texts.
 #include <cmath>
 #include <cstdint>
-#include <functional>
 #include <iostream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include "../cuda/launch_plan.h"
 #include "../cuda/thread_bodies.h"
 
 namespace {
@@ -26,59 +28,89 @@ void expect(bool condition, const std::string& what) {
   }
 }
 
+using harmonica::cuda_body::FastDivmod;
+using harmonica::cuda_body::PackLayout;
+using harmonica::cuda_body::PackPosition;
 using harmonica::cuda_body::ThreadIndex;
 
 template <typename Body>
-void for_each_thread(int64_t block_dim, int64_t grid_dim, const Body& body) {
-  for (int64_t block = 0; block < grid_dim; ++block) {
-    for (int64_t thread = 0; thread < block_dim; ++thread) {
+void for_each_thread(uint32_t block_dim, uint32_t grid_dim, const Body& body) {
+  for (uint32_t block = 0; block < grid_dim; ++block) {
+    for (uint32_t thread = 0; thread < block_dim; ++thread) {
       body(ThreadIndex{block, thread, block_dim, grid_dim});
     }
   }
 }
 
-// Counts how often each element is visited; every element must be visited exactly once.
-struct CountingOp {
-  std::vector<int>* visits;
-  template <int VEC>
-  void run(int64_t first) const {
-    for (int k = 0; k < VEC; ++k) {
-      ++(*visits)[first + k];
+void test_fast_division_matches_the_hardware() {
+  std::mt19937 random(7);
+  std::vector<uint32_t> divisors;
+  for (uint32_t d = 1; d <= 3000; ++d) {
+    divisors.push_back(d);
+  }
+  for (uint32_t d : {4095u, 4096u, 4097u, 65535u, 65536u, 1000003u, (1u << 30) - 1, 1u << 30, (1u << 31) - 1, 1u << 31}) {
+    divisors.push_back(d);
+  }
+  bool exact = true;
+  for (uint32_t d : divisors) {
+    const FastDivmod fast(d);
+    std::vector<uint32_t> dividends = {0, 1, d - 1, d, d + 1, (1u << 31) - 1, (1u << 31) - 2};
+    for (int i = 0; i < 64; ++i) {
+      dividends.push_back(random() & 0x7fffffffu);
+      dividends.push_back(static_cast<uint32_t>(random() % (4u * d + 1)));
+    }
+    for (uint32_t n : dividends) {
+      if (n < (1u << 31) && fast.div(n) != n / d) {
+        exact = false;
+        std::cerr << "  " << n << " / " << d << ": " << fast.div(n) << " != " << n / d << "\n";
+      }
     }
   }
-};
+  expect(exact, "FastDivmod::div == n / d for n < 2^31");
+}
 
-template <int VEC>
-void test_grid_stride_covers_each_element_once() {
-  for (int64_t numel : {0, 1, 3, 7, 8, 9, 255, 256, 257, 1000, 4099}) {
-    for (int64_t block_dim : {8, 32, 256}) {
-      for (int64_t grid_dim : {1, 2, 5, 64}) {
-        std::vector<int> visits(numel, 0);
+// Every pack of a launch is visited exactly once, with the position naive division gives, for any
+// grid (grid-stride loop) and layout.
+void test_every_pack_is_visited_once_where_it_lies() {
+  struct Case {
+    uint32_t samples, tokens, per_row;
+  };
+  for (const Case c : {Case{1, 1, 1}, Case{3, 5, 1}, Case{7, 3, 4}, Case{2, 16, 144}, Case{5, 1, 9}}) {
+    const uint32_t per_sample = c.tokens * c.per_row;
+    const PackLayout layout{c.samples * per_sample, FastDivmod(c.per_row), FastDivmod(c.tokens), per_sample};
+    for (uint32_t block_dim : {1u, 32u, 256u}) {
+      for (uint32_t grid_dim : {1u, 3u, 64u}) {
+        std::vector<int> visits(layout.packs, 0);
+        bool placed = true;
         for_each_thread(block_dim, grid_dim, [&](const ThreadIndex& t) {
-          harmonica::cuda_body::grid_stride_packs<VEC>(t, numel, CountingOp{&visits});
+          harmonica::cuda_body::for_each_pack(t, layout, [&](const PackPosition& at) {
+            ++visits[at.pack];
+            placed = placed && at.sample == at.pack / per_sample && at.in_sample == at.pack % per_sample &&
+                     at.column == at.pack % c.per_row;
+          });
         });
         bool once = true;
         for (int v : visits) {
           once = once && v == 1;
         }
-        expect(once, "grid_stride_packs<" + std::to_string(VEC) + "> numel=" + std::to_string(numel) +
-                         " block=" + std::to_string(block_dim) + " grid=" + std::to_string(grid_dim));
+        expect(once && placed, "for_each_pack samples=" + std::to_string(c.samples) + " tokens=" +
+                                   std::to_string(c.tokens) + " per_row=" + std::to_string(c.per_row) +
+                                   " block=" + std::to_string(block_dim) + " grid=" + std::to_string(grid_dim));
       }
     }
   }
 }
 
-// gated_residual_thread on Half data against a naive float loop, with a batch-strided gate and a
-// row length that is not a multiple of the pack width (packs straddle rows and samples).
+// GatedResidualBody on Half data against a naive float loop, with a batch-strided gate.
 template <int VEC>
-void test_gated_residual_thread_half() {
-  const int64_t batch = 3, tokens = 5, hidden = 12, gate_stride = 20;
-  const int64_t numel = batch * tokens * hidden;
-  alignas(16) c10::Half x[batch * tokens * hidden];
-  alignas(16) c10::Half value[batch * tokens * hidden];
-  alignas(16) c10::Half out[batch * tokens * hidden];
-  alignas(16) c10::Half cache[batch * tokens * hidden];
-  c10::Half gate[batch * gate_stride];
+void test_gated_residual_body_half() {
+  constexpr int64_t batch = 3, tokens = 5, hidden = 16, gate_stride = 24;
+  constexpr int64_t numel = batch * tokens * hidden;
+  alignas(16) c10::Half x[numel];
+  alignas(16) c10::Half value[numel];
+  alignas(16) c10::Half out[numel];
+  alignas(16) c10::Half cache[numel];
+  alignas(16) c10::Half gate[batch * gate_stride];
   for (int64_t i = 0; i < numel; ++i) {
     x[i] = c10::Half(0.25f * static_cast<float>(i % 17) - 2.0f);
     value[i] = c10::Half(0.125f * static_cast<float>(i % 13) - 0.5f);
@@ -88,10 +120,12 @@ void test_gated_residual_thread_half() {
   for (int64_t i = 0; i < batch * gate_stride; ++i) {
     gate[i] = c10::Half(0.5f * static_cast<float>(i % 7) - 1.0f);
   }
-  const harmonica::cuda_body::GatedResidualParams<c10::Half> params{
-      {numel, tokens * hidden, hidden, gate_stride}, x, gate, value, out, cache};
+  const uint32_t per_row = hidden / VEC;
+  const PackLayout layout{static_cast<uint32_t>(numel / VEC), FastDivmod(per_row), FastDivmod(tokens),
+                          static_cast<uint32_t>(tokens * per_row)};
+  const harmonica::cuda_body::GatedResidualParams<c10::Half> params{layout, x, gate, gate_stride, value, out, cache};
   for_each_thread(32, 2, [&](const ThreadIndex& t) {
-    harmonica::cuda_body::gated_residual_thread<c10::Half, VEC>(t, params);
+    harmonica::cuda_body::GatedResidualBody<c10::Half, VEC, true>::run(t, params);
   });
   bool correct = true;
   for (int64_t i = 0; i < numel; ++i) {
@@ -101,11 +135,12 @@ void test_gated_residual_thread_half() {
     correct = correct && static_cast<float>(out[i]) == static_cast<float>(c10::Half(expected));
     correct = correct && static_cast<float>(cache[i]) == static_cast<float>(value[i]);
   }
-  expect(correct, "gated_residual_thread<Half, " + std::to_string(VEC) + ">");
+  expect(correct, "GatedResidualBody<Half, " + std::to_string(VEC) + ", write>");
 }
 
-void test_blend_backward_task_sums() {
+void test_blend_backward_body_sums() {
   const int64_t batch = 2, tokens = 7, hidden = 8;
+  constexpr int VEC = 4;
   const int64_t numel = batch * tokens * hidden;
   std::vector<float> grad_out(numel), fresh(numel), cache(numel), grad_fresh(numel);
   std::vector<float> gate(batch * hidden), w = {0.25f, 0.75f};
@@ -118,13 +153,28 @@ void test_blend_backward_task_sums() {
     gate[i] = static_cast<float>(i % 6) * 0.25f - 0.5f;
   }
   const int64_t tokens_per_chunk = 3, chunks = 3;  // the last chunk is short (7 = 3 + 3 + 1)
-  std::vector<float> partial_gate(batch * chunks * hidden, NAN), partial_w(batch * chunks * hidden, NAN);
+  const int64_t groups = hidden / VEC;
+  std::vector<float> partial_gate(batch * chunks * hidden, NAN), partial_w(batch * chunks * groups, NAN);
   const harmonica::cuda_body::BlendBackwardParams<float> params{
-      batch,           tokens,         hidden,      hidden,       tokens_per_chunk, chunks,
-      grad_out.data(), gate.data(),    fresh.data(), cache.data(), w.data(),         1,
-      grad_fresh.data(), partial_gate.data(), partial_w.data()};
+      static_cast<uint32_t>(batch * chunks * groups),
+      FastDivmod(static_cast<uint32_t>(groups)),
+      FastDivmod(static_cast<uint32_t>(chunks)),
+      tokens,
+      hidden,
+      tokens_per_chunk,
+      grad_out.data(),
+      gate.data(),
+      hidden,
+      fresh.data(),
+      cache.data(),
+      w.data(),
+      1,
+      0.0f,
+      grad_fresh.data(),
+      partial_gate.data(),
+      partial_w.data()};
   for_each_thread(16, 1, [&](const ThreadIndex& t) {
-    harmonica::cuda_body::blend_backward_thread<float, 4>(t, params);
+    harmonica::cuda_body::BlendBackwardBody<float, VEC>::run(t, params);
   });
   bool correct = true;
   for (int64_t b = 0; b < batch; ++b) {
@@ -140,13 +190,27 @@ void test_blend_backward_task_sums() {
       }
       for (int64_t c = 0; c < chunks; ++c) {
         got_gate += partial_gate[(b * chunks + c) * hidden + d];
-        got_w += partial_w[(b * chunks + c) * hidden + d];
       }
       correct = correct && std::abs(got_gate - expected_gate) < 1e-4;
     }
+    for (int64_t k = 0; k < chunks * groups; ++k) {
+      got_w += partial_w[b * chunks * groups + k];
+    }
     correct = correct && std::abs(got_w - expected_w) < 1e-3;
   }
-  expect(correct, "blend_backward_thread<float, 4> partial sums");
+  expect(correct, "BlendBackwardBody<float, 4> partial sums");
+}
+
+void test_widest_pack_follows_alignment_and_rows() {
+  alignas(16) static float data[64];
+  using harmonica::launch::widest_pack;
+  expect(widest_pack<float>(64, {data}, {64}) == 4, "aligned float32: 16-byte packs");
+  expect(widest_pack<float>(64, {data + 2}, {64}) == 2, "8-byte aligned float32: 2-element packs");
+  expect(widest_pack<float>(64, {data + 1}, {64}) == 1, "4-byte aligned float32: single elements");
+  expect(widest_pack<float>(6, {data}, {6}) == 2, "rows of 6 float32: 2-element packs");
+  expect(widest_pack<float>(64, {data}, {6}) == 2, "gate batch stride 6: 2-element packs");
+  expect(widest_pack<c10::Half>(64, {reinterpret_cast<c10::Half*>(data + 2)}, {64}) == 4,
+         "8-byte aligned half: 4-element packs");
 }
 
 // ---- the registered CPU ops, through the dispatcher -------------------------------------------
@@ -156,6 +220,15 @@ at::Tensor call_cache_read(const at::Tensor& x, const at::Tensor& gate, const at
                              .findSchemaOrThrow("harmonica::cache_read", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
   return op.call(x, gate, cache);
+}
+
+void call_cache_write_inplace(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& branch,
+                              const at::Tensor& cache) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("harmonica::cache_write_", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  op.call(x, gate, branch, cache);
 }
 
 void test_cache_read_op_matches_aten() {
@@ -171,30 +244,40 @@ void test_cache_read_op_matches_aten() {
   }
 }
 
-void test_error_names_the_argument() {
-  const at::Tensor x = at::randn({2, 4, 8});
-  std::string message;
+template <typename Call>
+std::string error_of(const Call& call) {
   try {
-    call_cache_read(x, at::randn({2, 9}), x);
+    call();
   } catch (const c10::Error& error) {
-    message = error.what_without_backtrace();
+    return error.what_without_backtrace();
   }
-  expect(message.find("`gate` must broadcast over the tokens of `x`") != std::string::npos &&
-             message.find("(B, D) = (2, 8)") != std::string::npos,
-         "gate error message, got: " + message);
+  return "";
+}
+
+void test_errors_name_the_argument() {
+  const at::Tensor x = at::randn({2, 4, 8});
+  const std::string gate_message = error_of([&] { call_cache_read(x, at::randn({2, 9}), x); });
+  expect(gate_message.find("`gate` must broadcast over the tokens of `x`") != std::string::npos &&
+             gate_message.find("(B, D) = (2, 8)") != std::string::npos,
+         "gate error message, got: " + gate_message);
+  const at::Tensor slot = at::randn({2, 4, 8});
+  const std::string overlap_message = error_of([&] { call_cache_write_inplace(slot, at::randn({2, 8}), x, slot); });
+  expect(overlap_message.find("`cache` is written by this op and shares memory with `x`") != std::string::npos,
+         "overlap error message, got: " + overlap_message);
 }
 
 }  // namespace
 
 int main() {
-  test_grid_stride_covers_each_element_once<1>();
-  test_grid_stride_covers_each_element_once<4>();
-  test_grid_stride_covers_each_element_once<8>();
-  test_gated_residual_thread_half<1>();
-  test_gated_residual_thread_half<8>();
-  test_blend_backward_task_sums();
+  test_fast_division_matches_the_hardware();
+  test_every_pack_is_visited_once_where_it_lies();
+  test_gated_residual_body_half<1>();
+  test_gated_residual_body_half<4>();
+  test_gated_residual_body_half<8>();
+  test_blend_backward_body_sums();
+  test_widest_pack_follows_alignment_and_rows();
   test_cache_read_op_matches_aten();
-  test_error_names_the_argument();
+  test_errors_name_the_argument();
   if (failures == 0) {
     std::cout << "harmonica C++ tests passed\n";
   }
