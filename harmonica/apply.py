@@ -182,7 +182,7 @@ def per_sample(target) -> Iterator[PerSampleSteps]:
     the block frees the per-sample slots and returns to the schedule's step clock.
     """
     runtime = _runtime(target, "per_sample")
-    policy = PerSamplePolicy(runtime.schedule)
+    policy = PerSamplePolicy(runtime.schedule, runtime.row_indices)
     with runtime.using(policy):
         yield PerSampleSteps(policy)
 

@@ -112,8 +112,6 @@ def test_cached_sampling_under_reduce_overhead_records_cuda_graphs():
 
 # Last in this module: a capture that fails can leave the stream's capture state behind for the tests
 # after it in the same process.
-@pytest.mark.xfail(strict=True, reason="the per-sample path builds its row index with torch.tensor(..., "
-                                        "device=x.device) in every forward (harmonica/cache.py), which a capture refuses")
 def test_per_sample_step_replays_as_a_cuda_graph():
     model = tiny_dit()
     hc.enable_cache(model, mixed_schedule())
@@ -124,18 +122,19 @@ def test_per_sample_step_replays_as_a_cuda_graph():
     def forward(timestep):
         return model(x, timestep=timestep, class_labels=labels, return_dict=False)[0]
 
-    def fill_slots():
-        hc.set_sample_steps(model, None)
-        hc.set_sample_steps(model, [0, 0])
+    def fill_slots(serving):
+        serving.steps = [0, 0]
         forward(first)
-        hc.set_sample_steps(model, [1, 0])  # sample 0 reuses block 0's attn, sample 1 computes it
+        serving.steps = [1, 0]  # sample 0 reuses block 0's attn, sample 1 computes it
 
     with torch.no_grad():
-        fill_slots()
-        eager = forward(second).clone()  # also the warm-up
-        fill_slots()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = forward(second)
-        graph.replay()
+        with hc.per_sample(model) as serving:
+            fill_slots(serving)
+            eager = forward(second).clone()  # also the warm-up: the rows' index is built (once) here
+        with hc.per_sample(model) as serving:
+            fill_slots(serving)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = forward(second)
+            graph.replay()
     torch.testing.assert_close(out, eager)

@@ -205,40 +205,40 @@ def _soft_run(model, weights, record):
 
 
 def test_soft_forward_and_backward_do_not_synchronise():
+    from harmonica.train.policies import SoftPolicy
+
     model = tiny_dit().requires_grad_(False)
-    hc.enable_cache(model, hc.Schedule.full(STEPS, BLOCKS))
+    runtime = hc.enable_cache(model, hc.Schedule.full(STEPS, BLOCKS))
     weights = torch.full((STEPS, BLOCKS, 2), 0.5, requires_grad=True)
-    hc.get_cache_state(model).set_weights(weights)
-    try:
-        with no_host_sync(only_inside=model):
+    for order in (0, 2):  # reuse, and a forecast whose coefficients and history live on the device
+        with no_host_sync():
+            soft = SoftPolicy(weights, 0.1, order=order)
+            soft.weights = weights  # what each router update does
+        weights.grad = None
+        with runtime.using(soft), no_host_sync(only_inside=model):
             _soft_run(model, weights, no_host_sync)
-    finally:
-        hc.get_cache_state(model).set_weights(None)
-    assert weights.grad is not None and bool(weights.grad[1:].abs().sum() > 0)
+        assert weights.grad is not None and bool(weights.grad[1:].abs().sum() > 0)
 
 
-@pytest.mark.xfail(strict=True, reason="CacheState.set_weights reads the refresh mask back with .tolist(), once per "
-                                        "router update (harmonica/cache.py)")
-def test_setting_router_weights_does_not_synchronise():
-    model = tiny_dit().requires_grad_(False)
-    hc.enable_cache(model, hc.Schedule.full(STEPS, BLOCKS))
-    weights = torch.sigmoid(torch.zeros(STEPS, BLOCKS, 2))
-    with no_host_sync():
-        hc.get_cache_state(model).set_weights(weights)
-
-
-@pytest.mark.xfail(strict=True, reason="the per-sample path builds its row index with torch.tensor(..., "
-                                        "device=x.device) in every forward (harmonica/cache.py)")
-def test_per_sample_forwards_do_not_synchronise():
-    model = tiny_dit()
-    hc.enable_cache(model, mixed_schedule())
+def _per_sample_calls(model, check):
+    """A serving loop's calls: both samples at step 0, then sample 0 at step 1 (it reuses block 0's attn
+    while sample 1, at step 0, computes it), twice; ``check`` wraps the last call."""
     cond, uncond = conditioning()
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     kwargs = {"class_labels": torch.cat([cond["class_labels"], uncond["class_labels"]]), "return_dict": False}
-    with torch.no_grad():
-        hc.set_sample_steps(model, [0, 0])
+    with torch.no_grad(), hc.per_sample(model) as serving:
+        serving.steps = [0, 0]
         model(x, timestep=torch.tensor([999, 999]), **kwargs)
-        hc.set_sample_steps(model, [1, 0])  # sample 0 reuses block 0's attn, sample 1 computes it
+        serving.steps = [1, 0]
         timestep = torch.tensor([900, 999])
-        with no_host_sync(only_inside=model):
-            model(x, timestep=timestep, **kwargs)
+        model(x, timestep=timestep, **kwargs)  # a new pattern of rows: its index is built (and cached) here
+        with check():
+            return model(x, timestep=timestep, **kwargs)
+
+
+def test_per_sample_forwards_do_not_synchronise():
+    # Each distinct set of computing rows gets its index once (staged through pinned memory on CUDA,
+    # no wait for the GPU); a serving loop's repeated patterns then create nothing in the forward.
+    model = tiny_dit()
+    hc.enable_cache(model, mixed_schedule())
+    _per_sample_calls(model, lambda: no_host_sync(only_inside=model))

@@ -155,6 +155,32 @@ class PlanPolicy:
 # ---------------------------------------------------------------------------------------------- per-sample
 
 
+class RowIndices:
+    """Device index tensors of sets of batch rows, built once per distinct set and kept (most recent 64).
+
+    A serving loop repeats a few patterns; each is staged through pinned memory on CUDA, so building it
+    never makes the host wait for the GPU, and a forward that reuses it (the one a CUDA graph captures)
+    creates nothing. Kept by the runtime, so per-sample scopes share them."""
+
+    _MAX = 64
+
+    def __init__(self):
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def get(self, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        key = (rows, device)
+        entry = self._cache.get(key)
+        if entry is None:
+            host = torch.tensor(rows, dtype=torch.long, pin_memory=device.type == "cuda")
+            entry = (host, host.to(device, non_blocking=True))  # the host copy lives as long as the index
+            self._cache[key] = entry
+            if len(self._cache) > self._MAX:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return entry[1]
+
+
 class PerSamplePolicy:
     """Each sample of the batch at its own schedule step (a serving loop batching requests).
 
@@ -163,14 +189,13 @@ class PerSamplePolicy:
     """
 
     counts_calls = False
-    _MAX_ROW_INDICES = 64
 
-    def __init__(self, schedule: Schedule):
+    def __init__(self, schedule: Schedule, row_indices: "RowIndices"):
         self.num_steps = schedule.num_steps
         self.compute = schedule.mask.tolist()
         self.steps: tuple[int, ...] | None = None
         self._filled: dict[tuple[int, int], list[bool]] = {}
-        self._row_indices: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._rows = row_indices
 
     def set_steps(self, steps: Sequence[int]) -> None:
         steps = tuple(steps)
@@ -192,22 +217,6 @@ class PerSamplePolicy:
     def computes(self, runtime, block):
         steps = self.steps or ()
         return tuple(any(self.compute[s][block][b] for s in steps) for b in (0, 1))
-
-    def _rows(self, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """The index tensor of ``rows`` on ``device``, built once per distinct set of rows: a serving loop
-        repeats a few patterns, and on CUDA each is staged through pinned memory, so the copy never makes
-        the host wait for the GPU."""
-        key = (rows, device)
-        index = self._row_indices.get(key)
-        if index is None:
-            host = torch.tensor(rows, dtype=torch.long, pin_memory=device.type == "cuda")
-            index = host.to(device, non_blocking=True)
-            self._row_indices[key] = index
-            if len(self._row_indices) > self._MAX_ROW_INDICES:
-                self._row_indices.popitem(last=False)
-        else:
-            self._row_indices.move_to_end(key)
-        return index
 
     def run_branch(self, runtime, block, branch, x, gate, branch_fn):
         steps = self._steps_for(x)
@@ -233,7 +242,7 @@ class PerSamplePolicy:
         elif not any(compute):
             result = read(x, gate, slot)
         else:
-            rows = self._rows(tuple(i for i, c in enumerate(compute) if c), x.device)
+            rows = self._rows.get(tuple(i for i, c in enumerate(compute) if c), x.device)
             fresh = branch_fn(ops.gather_rows(x, rows), rows)
             if slot is None:  # cannot happen: a reusing row implies a filled (so allocated) slot
                 raise missing_slot(runtime, block, branch, min(steps))

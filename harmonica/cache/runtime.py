@@ -16,7 +16,7 @@ import torch
 
 from ..schedule import Schedule
 from .clock import SchedulerTap, StepClock
-from .policies import BranchFn, BranchPolicy, PerSamplePolicy, PlanPolicy
+from .policies import BranchFn, BranchPolicy, PerSamplePolicy, PlanPolicy, RowIndices
 from .slots import SlotStore
 
 __all__ = ["CacheRuntime", "PerSampleSteps"]
@@ -33,6 +33,7 @@ class CacheRuntime:
         self.clock = StepClock(schedule.num_steps, calls_per_step, on_new_run=self._new_run)
         self.plan = PlanPolicy(schedule)
         self.policy: BranchPolicy = self.plan
+        self.row_indices = RowIndices()  # per-sample mode's device indices, kept across its scopes
 
     # ------------------------------------------------------------------ what adapters call
     def computes(self, block: int) -> tuple[bool, bool]:
