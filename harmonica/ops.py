@@ -43,6 +43,10 @@ __all__ = [
     "gather_rows",
     "gated_merge",
     "gated_merge_",
+    "forecast_read",
+    "forecast_read_",
+    "forecast_update",
+    "forecast_update_",
     "reference",
 ]
 
@@ -120,6 +124,55 @@ def blend(
         w = torch.tensor(float(w), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
     x, gate, fresh, cache = _promoted(result_dtype(x, gate, fresh, cache), x, gate, fresh, cache)
     return _ops.blend.default(x, gate, fresh, cache, w)
+
+
+def _check_table(name: str, x: torch.Tensor, table: torch.Tensor, count: int, what: str) -> None:
+    if table.dim() != x.dim() + 1 or tuple(table.shape[1:]) != tuple(x.shape):
+        raise RuntimeError(f"harmonica.{name}: `table` must have shape (K + 1, *x.shape) = (K + 1, "
+                           f"{', '.join(map(str, x.shape))}), got {tuple(table.shape)}")
+    if not 1 <= count <= table.shape[0]:
+        raise RuntimeError(f"harmonica.{name}: {what} gives {count} terms but `table` holds {table.shape[0]} "
+                           f"difference slots; pass between 1 and {table.shape[0]}")
+
+
+def forecast_read(x: torch.Tensor, gate: torch.Tensor, table: torch.Tensor, coeffs) -> torch.Tensor:
+    """Return ``x + gate * sum_i coeffs[i] * table[i]``: a skipped branch served by a forecast.
+
+    ``table`` (K + 1, B, N, D) holds a unit's divided differences (harmonica.cache.forecast) and
+    ``coeffs`` (Python floats, at most K + 1) the Newton coefficients of the step; one coefficient
+    1.0 over a one-slot table is :func:`cache_read`."""
+    _check_table("forecast_read", x, table, len(coeffs), "coeffs")
+    x, gate, table = _promoted(result_dtype(x, gate, table), x, gate, table)
+    return reference.forecast_read(x, gate, table, tuple(coeffs))
+
+
+def forecast_read_(x: torch.Tensor, gate: torch.Tensor, table: torch.Tensor, coeffs) -> torch.Tensor:
+    """``forecast_read`` that updates ``x`` in place and returns it."""
+    _check_table("forecast_read_", x, table, len(coeffs), "coeffs")
+    dtype = result_dtype(x, gate, table)
+    _check_in_place("forecast_read_", x, dtype)
+    gate, table = _promoted(dtype, gate, table)
+    return x.copy_(reference.forecast_read(x, gate, table, tuple(coeffs)))
+
+
+def forecast_update(x: torch.Tensor, gate: torch.Tensor, fresh: torch.Tensor, table: torch.Tensor, inv) -> torch.Tensor:
+    """Return ``x + gate * fresh`` and refresh the unit's divided differences in the same pass:
+    ``table[0] = fresh``, ``table[i] = (table[i-1]_new - table[i-1]_old) * inv[i-1]`` for i = 1..len(inv).
+
+    ``inv`` are the inverse distances to the unit's earlier computes (Python floats); with no ``inv``
+    this is :func:`cache_write` into ``table[0]``. ``table`` must have the promoted dtype."""
+    _check_table("forecast_update", x, table, len(inv) + 1, "inv")
+    x, gate, fresh = _promoted(result_dtype(x, gate, fresh), x, gate, fresh)
+    return reference.forecast_update(x, gate, fresh, table, tuple(inv))
+
+
+def forecast_update_(x: torch.Tensor, gate: torch.Tensor, fresh: torch.Tensor, table: torch.Tensor, inv) -> torch.Tensor:
+    """``forecast_update`` that updates ``x`` in place and returns it."""
+    _check_table("forecast_update_", x, table, len(inv) + 1, "inv")
+    dtype = result_dtype(x, gate, fresh)
+    _check_in_place("forecast_update_", x, dtype)
+    gate, fresh = _promoted(dtype, gate, fresh)
+    return x.copy_(reference.forecast_update(x, gate, fresh, table, tuple(inv)))
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -302,6 +355,22 @@ class reference:
         w_acc = reference._acc(w).reshape(-1, 1, 1) if w.dim() == 1 else reference._acc(w)
         value = w_acc * reference._acc(fresh) + (1 - w_acc) * reference._acc(cache.detach())
         return (reference._acc(x) + reference._gate(gate, x) * value).to(x.dtype)
+
+    @staticmethod
+    def forecast_read(x, gate, table, coeffs):
+        value = sum(c * reference._acc(table[i]) for i, c in enumerate(coeffs))
+        return (reference._acc(x) + reference._gate(gate, x) * value).to(x.dtype)
+
+    @staticmethod
+    def forecast_update(x, gate, fresh, table, inv):
+        out = (reference._acc(x) + reference._gate(gate, x) * reference._acc(fresh)).to(x.dtype)
+        old = [reference._acc(table[i]).clone() for i in range(len(inv))]  # read before the writes below
+        new = reference._acc(fresh)
+        table[0].copy_(fresh)
+        for i, h in enumerate(inv, start=1):
+            new = (new - old[i - 1]) * h
+            table[i].copy_(new)
+        return out
 
     @staticmethod
     def gather_rows(x, index):
