@@ -545,8 +545,17 @@ class Router(_Plan, torch.nn.Module):
         with torch.no_grad():
             mask = (self.weights() > threshold).cpu()
         mask[0] = True  # weights() gives 1.0 there, but threshold == 1.0 must not empty step 0
+        # Skipped units are served as the router was trained to serve them: reuse or a forecast.
+        orders = torch.full(mask.shape, self.forecast_order, dtype=torch.long)
         # The router's own "method" (e.g. "harmonica" or "l2c", set by training) wins over the generic one.
-        return Schedule(mask, metadata={"method": "router", **self.metadata, "threshold": float(threshold)})
+        return Schedule(mask, orders=orders,
+                        metadata={"method": "router", **self.metadata, "threshold": float(threshold)})
+
+    @property
+    def forecast_order(self) -> int:
+        """How skipped units are served: 0 = reuse, m = forecast of order m (``metadata["forecast_order"]``)."""
+        order = self.metadata.get("forecast_order")
+        return 0 if order is None else order
 
     def threshold_for(
         self,

@@ -191,3 +191,49 @@ def test_bad_orders_and_coords_are_refused(bad, match):
     mask[1:, :, 1] = False
     with pytest.raises(ValueError, match=match):
         hc.Schedule(mask, **bad)
+
+
+# ---------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_soft_training_at_hard_weights_is_the_inference_forecast(order):
+    """SDT's student at weights 0 / 1 is exactly the deployed schedule: it forecasts the same way."""
+    from harmonica.train.policies import SoftPolicy
+
+    make_model, conditioning = MODELS["dit"]
+    model = make_model()
+    cond, uncond = conditioning()
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(order)
+    mask = torch.rand(STEPS, BLOCKS, 2, generator=g) < 0.4
+    mask[0] = True
+    schedule = hc.Schedule(mask, orders=torch.full((STEPS, BLOCKS, 2), order))
+
+    def run():
+        return sample(model, DDIMScheduler(), latents, num_inference_steps=STEPS, cond=cond, uncond=uncond,
+                      guidance_scale=3.0, progress=False)
+
+    runtime = hc.enable_cache(model, schedule)
+    deployed = run()
+    hc.disable_cache(model)
+    runtime = hc.enable_cache(model, hc.Schedule.full(STEPS, BLOCKS))
+    with runtime.using(SoftPolicy(mask.float(), 0.5, order=order)):
+        soft = run()
+    hc.disable_cache(model)
+    assert rel_err(soft, deployed) <= 1e-5
+
+
+def test_router_trained_with_forecasting_deploys_forecasts():
+    from harmonica.train import ClassConditioning, TrainConfig, train_router
+
+    model = MODELS["dit"][0]()
+    config = TrainConfig(method="harmonica", num_steps=STEPS, guidance_scale=1.5, batch_size=2, iterations=2,
+                         conditioning=ClassConditioning(1000, 1000), forecast_order=2, progress=False,
+                         target_speedup=1.3)
+    router = train_router(model, DDIMScheduler(), config)
+    assert router.metadata["forecast_order"] == 2
+    schedule = router.to_schedule()
+    skipped = ~schedule.mask
+    assert skipped.any() and bool((schedule.orders[skipped] == 2).all())
+    with pytest.raises(ValueError, match=r"TrainConfig.forecast_order: must be an int in \[0, 4\]"):
+        train_router(model, DDIMScheduler(), TrainConfig(num_steps=STEPS, conditioning=ClassConditioning(1000, 1000),
+                                                         forecast_order=7))
