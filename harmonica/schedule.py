@@ -187,24 +187,30 @@ class ModelCost:
     attn: float
     mlp: float
     fixed: float
+    unit_elements: float = 0.0  # elements of one branch output (batch x tokens x width): forecasts cost per element
 
     def __post_init__(self):
-        for name in ("attn", "mlp", "fixed"):
+        for name in ("attn", "mlp", "fixed", "unit_elements"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"ModelCost.{name} must be a finite number >= 0, got {value!r}")
         if self.attn + self.mlp + self.fixed <= 0:
             raise ValueError("ModelCost must have a positive total (attn + mlp + fixed), got all zeros")
 
-    def speedup(self, num_steps: int, num_blocks: int, attn_computes: float, mlp_computes: float) -> float:
+    def speedup(self, num_steps: int, num_blocks: int, attn_computes: float, mlp_computes: float,
+                forecast_terms: float = 0.0) -> float:
         """FLOPs of ``num_steps`` uncached evaluations over those of a run in which the attn and mlp
-        branches compute ``attn_computes`` and ``mlp_computes`` times in all (over every step and block).
+        branches compute ``attn_computes`` and ``mlp_computes`` times in all (over every step and block),
+        and forecasts add ``forecast_terms`` multiply-adds per element of a branch output (an order-m
+        forecast m, an update keeping order k, k).
 
         The one speedup arithmetic of the package: hard schedules pass their counts, router training
         its expected counts (the sums of the weights).
         """
         full = num_steps * (self.fixed + num_blocks * (self.attn + self.mlp))
-        return full / (num_steps * self.fixed + attn_computes * self.attn + mlp_computes * self.mlp)
+        spent = (num_steps * self.fixed + attn_computes * self.attn + mlp_computes * self.mlp
+                 + 2.0 * forecast_terms * self.unit_elements)
+        return full / spent
 
 
 class Schedule(_Plan):
@@ -394,7 +400,26 @@ class Schedule(_Plan):
         if not isinstance(cost, ModelCost):
             raise TypeError(f"cost must be a harmonica ModelCost, got {type(cost).__name__}")
         attn, mlp = self._mask.sum(dim=(0, 1)).tolist()
-        return cost.speedup(self.num_steps, self.num_blocks, attn, mlp)
+        return cost.speedup(self.num_steps, self.num_blocks, attn, mlp, self.forecast_terms())
+
+    def forecast_terms(self) -> int:
+        """Multiply-adds per output element that forecasting adds over the run: each order-m forecast m,
+        each compute that refreshes an order-k table k (the plan of harmonica.cache.forecast, orders
+        capped by history). 0 for reuse."""
+        if self.max_order == 0:
+            return 0
+        from .cache.forecast import Forecast, Update, unit_plan
+
+        mask, orders, coords = self._mask.tolist(), self._orders.tolist(), self.coords
+        terms = 0
+        for l in range(self.num_blocks):
+            for b in range(2):
+                for action in unit_plan([m[l][b] for m in mask], [o[l][b] for o in orders], coords):
+                    if isinstance(action, Forecast):
+                        terms += len(action.coeffs) - 1
+                    elif isinstance(action, Update):
+                        terms += action.keep
+        return terms
 
     # -- compatibility ---------------------------------------------------------------------------
 

@@ -237,3 +237,24 @@ def test_router_trained_with_forecasting_deploys_forecasts():
     with pytest.raises(ValueError, match=r"TrainConfig.forecast_order: must be an int in \[0, 4\]"):
         train_router(model, DDIMScheduler(), TrainConfig(num_steps=STEPS, conditioning=ClassConditioning(1000, 1000),
                                                          forecast_order=7))
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_peak_cache_bytes_count_every_difference_slot(name):
+    from harmonica.cache.policies import PlanPolicy
+
+    make_model, conditioning = MODELS["dit"]
+    model, schedule = make_model(), SCHEDULES[name]
+    cond, uncond = conditioning()
+    runtime = hc.enable_cache(model, schedule)
+    for run in range(3):
+        sample(model, DDIMScheduler(), torch.randn(2, 4, 8, 8), num_inference_steps=STEPS, cond=cond,
+               uncond=uncond, guidance_scale=3.0, progress=False)
+        if run == 0:
+            cold = runtime.slots.allocations
+    assert runtime.slots.allocations == cold, "tables and plain slots of warm runs come from the pool"
+    assert runtime.slots.pooled_bytes <= runtime.peak_cache_bytes
+    slot_bytes = 4 * 16 * 32 * 4  # (2 CFG halves x 2 samples, 16 tokens, width 32) float32
+    peak = PlanPolicy(schedule).peak_slots()
+    assert runtime.peak_cache_bytes == peak * slot_bytes
+    assert peak > PlanPolicy(hc.Schedule(schedule.mask)).peak_slots(), "forecast tables hold more than reuse slots"

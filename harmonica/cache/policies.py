@@ -131,6 +131,21 @@ class PlanPolicy:
     def computes(self, runtime, block):
         return tuple(not isinstance(action, Forecast) for action in self.plan[runtime.clock.step][block])
 
+    def peak_slots(self) -> int:
+        """The most branch-output-sized slots alive at once in a run (a table of order k counts k + 1):
+        what ``peak_cache_bytes`` will be, in units of one branch output, whatever the model."""
+        live, peak = {}, 0
+        for row in self.plan:
+            for block, actions in enumerate(row):
+                for branch, action in enumerate(actions):
+                    unit = (block, branch)
+                    if isinstance(action, Update):
+                        live[unit] = self.capacity[block][branch] + 1
+                    peak = max(peak, sum(live.values()))
+                    if isinstance(action, Forecast) and action.last:
+                        live.pop(unit, None)
+        return peak
+
     def run_branch(self, runtime, block, branch, x, gate, branch_fn):
         clock = runtime.clock
         key = (block, branch, clock.call)
