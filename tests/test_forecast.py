@@ -34,14 +34,14 @@ def run_unit(actions, values, width: int = 3):
     x = torch.zeros(1, 1, width, dtype=torch.float64)
     gate = torch.ones(1, width, dtype=torch.float64)
     capacity = max((a.keep for a in actions if isinstance(a, Update)), default=0)
-    table = torch.full((capacity + 1, 1, 1, width), float("nan"), dtype=torch.float64)
+    table = [torch.full((1, 1, width), float("nan"), dtype=torch.float64) for _ in range(capacity + 1)]
     served = []
     for t, action in enumerate(actions):
         fresh = torch.full((1, 1, width), values[t], dtype=torch.float64)
         if isinstance(action, Compute):
             served.append(values[t])
         elif isinstance(action, Update):
-            out = ops.forecast_update(x, gate, fresh, table, action.inv)
+            out = ops.forecast_update(x, gate, fresh, table[:action.keep + 1], action.inv)
             served.append(float(out[0, 0, 0]))
         else:
             served.append(float(ops.forecast_read(x, gate, table, action.coeffs)[0, 0, 0]))

@@ -74,14 +74,13 @@ def read(x, gate, slot):
     return (ops.cache_read_ if _in_place(x, dtype) else ops.cache_read)(x, gate, slot)
 
 
-def update(x, gate, fresh, table, inv):
-    dtype = table.dtype
-    return (ops.forecast_update_ if _in_place(x, dtype) else ops.forecast_update)(x, gate, fresh, table, inv)
+def update(x, gate, fresh, slots, inv):
+    return (ops.forecast_update_ if _in_place(x, slots[0].dtype) else ops.forecast_update)(x, gate, fresh, slots, inv)
 
 
-def forecast(x, gate, table, coeffs):
-    dtype = ops.result_dtype(x, gate, table)
-    return (ops.forecast_read_ if _in_place(x, dtype) else ops.forecast_read)(x, gate, table, coeffs)
+def forecast(x, gate, slots, coeffs):
+    dtype = ops.result_dtype(x, gate, *slots)
+    return (ops.forecast_read_ if _in_place(x, dtype) else ops.forecast_read)(x, gate, slots, coeffs)
 
 
 def merge(x, gate, fresh, rows, slot):
@@ -117,56 +116,63 @@ def build_plan(schedule: Schedule) -> tuple[tuple[tuple[Action, Action], ...], .
 
 
 class PlanPolicy:
-    """Serve every branch as a static :class:`~harmonica.Schedule` says, at the step clock's step."""
+    """Serve every branch as a static :class:`~harmonica.Schedule` says, at the step clock's step.
+
+    A unit's table of divided differences is ``keep + 1`` ordinary slots (keys ``(..., i)``), so every
+    slot has one shape and its storage recycles, and a unit holds only the orders its next forecasts use.
+    """
 
     counts_calls = True
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
         self.plan = build_plan(schedule)
-        # Table orders a unit ever keeps: 0 = a plain slot (reuse), k = k + 1 difference slots.
-        self.capacity = [[max((a.keep for a in unit if isinstance(a, Update)), default=0) for unit in zip(*column)]
-                         for column in zip(*self.plan)]
 
     def computes(self, runtime, block):
         return tuple(not isinstance(action, Forecast) for action in self.plan[runtime.clock.step][block])
 
     def peak_slots(self) -> int:
-        """The most branch-output-sized slots alive at once in a run (a table of order k counts k + 1):
-        what ``peak_cache_bytes`` will be, in units of one branch output, whatever the model."""
+        """The most branch-output-sized slots alive at once in a run: what ``peak_cache_bytes`` will be,
+        in units of one branch output, whatever the model."""
         live, peak = {}, 0
         for row in self.plan:
             for block, actions in enumerate(row):
                 for branch, action in enumerate(actions):
                     unit = (block, branch)
                     if isinstance(action, Update):
-                        live[unit] = self.capacity[block][branch] + 1
+                        live[unit] = action.keep + 1
                     peak = max(peak, sum(live.values()))
                     if isinstance(action, Forecast) and action.last:
                         live.pop(unit, None)
         return peak
 
     def run_branch(self, runtime, block, branch, x, gate, branch_fn):
-        clock = runtime.clock
-        key = (block, branch, clock.call)
+        clock, slots = runtime.clock, runtime.slots
+        unit = (block, branch, clock.call)
         action = self.plan[clock.step][block][branch]
-        capacity = self.capacity[block][branch]
         if isinstance(action, Compute):
             return gated(x, gate, branch_fn(x, None))
         if isinstance(action, Update):
             out = branch_fn(x, None)
             like = slot_like(x, gate, out)
-            if capacity == 0:
-                return write(x, gate, out, runtime.slots.slot_for(key, like))
-            table = runtime.slots.slot_for(key, like.new_empty(()).expand(capacity + 1, *like.shape))
-            return update(x, gate, out, table, action.inv)
-        table = runtime.slots.get(key)
-        if table is None:
+            _free_orders(slots, unit, action.keep + 1)  # orders no later forecast uses
+            if action.keep == 0:
+                return write(x, gate, out, slots.slot_for((*unit, 0), like))
+            return update(x, gate, out, [slots.slot_for((*unit, i), like) for i in range(action.keep + 1)], action.inv)
+        table = [slots.get((*unit, i)) for i in range(len(action.coeffs))]
+        if any(slot is None for slot in table):
             raise missing_slot(runtime, block, branch, clock.step)
-        out = read(x, gate, table) if capacity == 0 else forecast(x, gate, table, action.coeffs)
+        out = read(x, gate, table[0]) if len(table) == 1 else forecast(x, gate, table, action.coeffs)
         if action.last:
-            runtime.slots.free(key)
+            _free_orders(slots, unit, 0)
         return out
+
+
+def _free_orders(slots, unit: tuple, first: int) -> None:
+    """Free the unit's difference slots of order ``first`` and up."""
+    while slots.get((*unit, first)) is not None:
+        slots.free((*unit, first))
+        first += 1
 
 
 # ---------------------------------------------------------------------------------------------- per-sample
