@@ -53,6 +53,10 @@ __all__ = [
     "gather_rows",
     "gated_merge",
     "gated_merge_",
+    "forecast_read",
+    "forecast_read_",
+    "forecast_update",
+    "forecast_update_",
     "reference",
 ]
 
@@ -133,6 +137,59 @@ def blend(
         w = torch.scalar_tensor(float(w), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     x, gate, fresh, cache = _promoted(result_dtype(x, gate, fresh, cache), x, gate, fresh, cache)
     return _ops.blend.default(x, gate, fresh, cache, w)
+
+
+def _check_slots(name: str, x: torch.Tensor, slots, count: int, what: str, exact: bool) -> None:
+    if not isinstance(slots, (list, tuple)) or not slots:
+        raise RuntimeError(f"harmonica.{name}: `slots` must be a non-empty list of tensors (a unit's divided "
+                           f"differences, order 0 first), got {type(slots).__name__}")
+    for i, slot in enumerate(slots):
+        if tuple(slot.shape) != tuple(x.shape):
+            raise RuntimeError(f"harmonica.{name}: `slots[{i}]` must have x's shape {tuple(x.shape)}, got "
+                               f"{tuple(slot.shape)}")
+    if (count != len(slots)) if exact else not 1 <= count <= len(slots):
+        need = f"{len(slots) - 1} ({len(slots)} slots)" if exact else f"between 1 and {len(slots)}"
+        raise RuntimeError(f"harmonica.{name}: {what} gives {count} terms for {len(slots)} slots; pass {need}")
+
+
+def forecast_read(x: torch.Tensor, gate: torch.Tensor, slots, coeffs) -> torch.Tensor:
+    """Return ``x + gate * sum_i coeffs[i] * slots[i]``: a skipped branch served by a forecast.
+
+    ``slots`` hold a unit's divided differences (order 0 first, harmonica.cache.forecast) and ``coeffs``
+    (Python floats, one per slot read) the Newton coefficients of the step; one coefficient 1.0 over
+    one slot is :func:`cache_read`."""
+    _check_slots("forecast_read", x, slots, len(coeffs), "coeffs", exact=False)
+    x, gate, *slots = _promoted(result_dtype(x, gate, *slots), x, gate, *slots)
+    return reference.forecast_read(x, gate, slots, tuple(coeffs))
+
+
+def forecast_read_(x: torch.Tensor, gate: torch.Tensor, slots, coeffs) -> torch.Tensor:
+    """``forecast_read`` that updates ``x`` in place and returns it."""
+    _check_slots("forecast_read_", x, slots, len(coeffs), "coeffs", exact=False)
+    dtype = result_dtype(x, gate, *slots)
+    _check_in_place("forecast_read_", x, dtype)
+    gate, *slots = _promoted(dtype, gate, *slots)
+    return x.copy_(reference.forecast_read(x, gate, slots, tuple(coeffs)))
+
+
+def forecast_update(x: torch.Tensor, gate: torch.Tensor, fresh: torch.Tensor, slots, inv) -> torch.Tensor:
+    """Return ``x + gate * fresh`` and refresh the unit's divided differences in the same pass:
+    ``slots[0] = fresh``, ``slots[i] = (slots[i-1]_new - slots[i-1]_old) * inv[i-1]``, i = 1..len(inv).
+
+    ``inv`` are the inverse distances to the unit's earlier computes (Python floats), one fewer than
+    ``slots``; with one slot and no ``inv`` this is :func:`cache_write`. Slots keep their dtype."""
+    _check_slots("forecast_update", x, slots, len(inv) + 1, "inv", exact=True)
+    x, gate, fresh = _promoted(result_dtype(x, gate, fresh), x, gate, fresh)
+    return reference.forecast_update(x, gate, fresh, slots, tuple(inv))
+
+
+def forecast_update_(x: torch.Tensor, gate: torch.Tensor, fresh: torch.Tensor, slots, inv) -> torch.Tensor:
+    """``forecast_update`` that updates ``x`` in place and returns it."""
+    _check_slots("forecast_update_", x, slots, len(inv) + 1, "inv", exact=True)
+    dtype = result_dtype(x, gate, fresh)
+    _check_in_place("forecast_update_", x, dtype)
+    gate, fresh = _promoted(dtype, gate, fresh)
+    return x.copy_(reference.forecast_update(x, gate, fresh, slots, tuple(inv)))
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -328,6 +385,22 @@ class reference:
         w_acc = reference._acc(w).reshape(-1, 1, 1) if w.dim() == 1 else reference._acc(w)
         value = w_acc * reference._acc(fresh) + (1 - w_acc) * reference._acc(cache.detach())
         return (reference._acc(x) + reference._gate(gate, x) * value).to(x.dtype)
+
+    @staticmethod
+    def forecast_read(x, gate, slots, coeffs):
+        value = sum(c * reference._acc(slots[i]) for i, c in enumerate(coeffs))
+        return (reference._acc(x) + reference._gate(gate, x) * value).to(x.dtype)
+
+    @staticmethod
+    def forecast_update(x, gate, fresh, slots, inv):
+        out = (reference._acc(x) + reference._gate(gate, x) * reference._acc(fresh)).to(x.dtype)
+        old = [reference._acc(slots[i]).clone() for i in range(len(inv))]  # read before the writes below
+        new = reference._acc(fresh)
+        slots[0].copy_(fresh)
+        for i, h in enumerate(inv, start=1):
+            new = (new - old[i - 1]) * h  # the chain stays in float32: each order is rounded once, on store
+            slots[i].copy_(new)
+        return out
 
     @staticmethod
     def gather_rows(x, index):

@@ -75,8 +75,9 @@ def _normalized_metadata(metadata: Optional[Mapping[str, Any]], required: tuple,
 # file format (harmonica.formats), shared by Schedule and Router
 
 
-def _read(path, kind: str, tensor_name: str, loader: str):
-    """(tensor, document) after the checks common to both kinds: one tensor, its shape in the header."""
+def _read(path, kind: str, tensor_name: str, loader: str, optional: tuple[str, ...] = ()):
+    """(tensors, document) after the checks common to both kinds: the main tensor (and any of the
+    ``optional`` ones), each of the (num_steps, num_blocks, 2) shape the header records."""
     tensors, document = formats.read(path, kind, loader=loader)
 
     def fail(problem: str) -> ValueError:
@@ -87,16 +88,17 @@ def _read(path, kind: str, tensor_name: str, loader: str):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise fail(f"{key} must be a positive int, got {value!r}")
     names = sorted(tensors)
-    if names != [tensor_name]:
-        raise fail(f"expected exactly one tensor named {tensor_name!r}, found {names}")
-    tensor = tensors[tensor_name]
+    if tensor_name not in tensors or not set(names) <= {tensor_name, *optional}:
+        expected = " (and optionally " + ", ".join(map(repr, optional)) + ")" if optional else ""
+        raise fail(f"expected a tensor named {tensor_name!r}{expected}, found {names}")
     expected_shape = (document["num_steps"], document["num_blocks"], 2)
-    if tuple(tensor.shape) != expected_shape:
-        raise fail(
-            f"tensor {tensor_name!r} has shape {tuple(tensor.shape)} but the header records "
-            f"num_steps={expected_shape[0]}, num_blocks={expected_shape[1]}, i.e. shape {expected_shape}"
-        )
-    return tensor, document
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != expected_shape:
+            raise fail(
+                f"tensor {name!r} has shape {tuple(tensor.shape)} but the header records "
+                f"num_steps={expected_shape[0]}, num_blocks={expected_shape[1]}, i.e. shape {expected_shape}"
+            )
+    return tensors, document
 
 
 def _file_error(kind: str, path, problem: str) -> ValueError:
@@ -185,33 +187,46 @@ class ModelCost:
     attn: float
     mlp: float
     fixed: float
+    unit_elements: float = 0.0  # elements of one branch output (batch x tokens x width): forecasts cost per element
 
     def __post_init__(self):
-        for name in ("attn", "mlp", "fixed"):
+        for name in ("attn", "mlp", "fixed", "unit_elements"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"ModelCost.{name} must be a finite number >= 0, got {value!r}")
         if self.attn + self.mlp + self.fixed <= 0:
             raise ValueError("ModelCost must have a positive total (attn + mlp + fixed), got all zeros")
 
-    def speedup(self, num_steps: int, num_blocks: int, attn_computes: float, mlp_computes: float) -> float:
+    def speedup(self, num_steps: int, num_blocks: int, attn_computes: float, mlp_computes: float,
+                forecast_terms: float = 0.0) -> float:
         """FLOPs of ``num_steps`` uncached evaluations over those of a run in which the attn and mlp
-        branches compute ``attn_computes`` and ``mlp_computes`` times in all (over every step and block).
+        branches compute ``attn_computes`` and ``mlp_computes`` times in all (over every step and block),
+        and forecasts add ``forecast_terms`` multiply-adds per element of a branch output (an order-m
+        forecast m, an update keeping order k, k).
 
         The one speedup arithmetic of the package: hard schedules pass their counts, router training
         its expected counts (the sums of the weights).
         """
         full = num_steps * (self.fixed + num_blocks * (self.attn + self.mlp))
-        return full / (num_steps * self.fixed + attn_computes * self.attn + mlp_computes * self.mlp)
+        spent = (num_steps * self.fixed + attn_computes * self.attn + mlp_computes * self.mlp
+                 + 2.0 * forecast_terms * self.unit_elements)
+        return full / spent
 
 
 class Schedule(_Plan):
-    """An immutable caching plan: bool (T, L, 2), True = compute and refresh the slot, False = reuse."""
+    """An immutable caching plan: bool (T, L, 2), True = compute and refresh the cache, False = serve
+    the unit from the cache, by reuse (order 0) or by a forecast of the order ``orders`` gives.
 
-    __slots__ = ("_mask", "_metadata")
+    A forecast of order m extrapolates the unit's last m + 1 computed outputs (Newton's divided
+    differences over their positions, see :mod:`harmonica.cache.forecast`); the positions are the step
+    indices unless ``metadata["coords"]`` gives one number per step (e.g. the timesteps).
+    """
+
+    __slots__ = ("_mask", "_orders", "_metadata")
     _what = "schedule"
 
-    def __init__(self, mask: torch.Tensor, *, metadata: Optional[Mapping[str, Any]] = None):
+    def __init__(self, mask: torch.Tensor, *, orders: Optional[torch.Tensor] = None,
+                 metadata: Optional[Mapping[str, Any]] = None):
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a torch.Tensor of dtype bool and shape (T, L, 2), got {type(mask).__name__}")
         if mask.dtype != torch.bool:
@@ -234,7 +249,9 @@ class Schedule(_Plan):
                 f"but {missing} of its {mask[0].numel()} units are False; set mask[0] = True"
             )
         self._mask = mask
+        self._orders = _checked_orders(orders, mask)
         self._metadata = _normalized_metadata(metadata, _SCHEDULE_KEYS, "Schedule")
+        _check_coords(self._metadata.get("coords"), mask.shape[0])
 
     # -- constructors ---------------------------------------------------------------------------
 
@@ -254,6 +271,25 @@ class Schedule(_Plan):
         refresh = torch.arange(num_steps) % interval == 0
         mask = refresh[:, None, None].expand(num_steps, num_blocks, 2)
         return cls(mask, metadata={"method": "fora", "interval": interval})
+
+    @classmethod
+    def taylorseer(cls, num_steps: int, num_blocks: int, interval: int = 4, order: int = 1, *, warmup: int = 1,
+                   tail: int = 0) -> "Schedule":
+        """TaylorSeer (Liu et al., ICCV 2025): compute every unit at steps t % interval == 0, at the first
+        ``warmup`` steps and the last ``tail`` steps, and forecast every unit in between from its last
+        ``order`` + 1 computes (order 0 = FORA's reuse). The forecast is Newton's form of TaylorSeer's
+        finite-difference Taylor series, exact for the non-uniform gaps warmup and tail create."""
+        for name, value in (("num_steps", num_steps), ("num_blocks", num_blocks), ("interval", interval)):
+            _positive_int(name, value)
+        for name, value, high in (("order", order, MAX_ORDER), ("warmup", warmup, num_steps), ("tail", tail, num_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+                raise ValueError(f"{name} must be an int in [0, {high}], got {value!r}")
+        t = torch.arange(num_steps)
+        refresh = (t % interval == 0) | (t < warmup) | (t >= num_steps - tail)
+        mask = refresh[:, None, None].expand(num_steps, num_blocks, 2)
+        orders = torch.full((num_steps, num_blocks, 2), order, dtype=torch.long)
+        return cls(mask, orders=orders, metadata={"method": "taylorseer", "interval": interval, "order": order,
+                                                  "warmup": warmup, "tail": tail})
 
     @classmethod
     def delta_dit(
@@ -317,6 +353,21 @@ class Schedule(_Plan):
         return self._mask.clone()
 
     @property
+    def orders(self) -> torch.Tensor:
+        """int64 (T, L, 2): the forecast order of each unit served from the cache (0 = reuse), 0 where computed."""
+        return self._orders.clone()
+
+    @property
+    def max_order(self) -> int:
+        return int(self._orders.max())
+
+    @property
+    def coords(self) -> list[float]:
+        """The position of each step that forecasts extrapolate in: ``metadata["coords"]`` or the step index."""
+        coords = self._metadata.get("coords")
+        return [float(c) for c in coords] if coords is not None else [float(t) for t in range(self.num_steps)]
+
+    @property
     def metadata(self) -> dict:
         return copy.deepcopy(self._metadata)
 
@@ -349,7 +400,26 @@ class Schedule(_Plan):
         if not isinstance(cost, ModelCost):
             raise TypeError(f"cost must be a harmonica ModelCost, got {type(cost).__name__}")
         attn, mlp = self._mask.sum(dim=(0, 1)).tolist()
-        return cost.speedup(self.num_steps, self.num_blocks, attn, mlp)
+        return cost.speedup(self.num_steps, self.num_blocks, attn, mlp, self.forecast_terms())
+
+    def forecast_terms(self) -> int:
+        """Multiply-adds per output element that forecasting adds over the run: each order-m forecast m,
+        each compute that refreshes an order-k table k (the plan of harmonica.cache.forecast, orders
+        capped by history). 0 for reuse."""
+        if self.max_order == 0:
+            return 0
+        from .cache.forecast import Forecast, Update, unit_plan
+
+        mask, orders, coords = self._mask.tolist(), self._orders.tolist(), self.coords
+        terms = 0
+        for l in range(self.num_blocks):
+            for b in range(2):
+                for action in unit_plan([m[l][b] for m in mask], [o[l][b] for o in orders], coords):
+                    if isinstance(action, Forecast):
+                        terms += len(action.coeffs) - 1
+                    elif isinstance(action, Update):
+                        terms += action.keep
+        return terms
 
     # -- compatibility ---------------------------------------------------------------------------
 
@@ -362,11 +432,15 @@ class Schedule(_Plan):
             "cache_usage": self.cache_usage,
             **self._metadata,
         }
-        formats.write(path, "schedule", {"mask": self._mask.to(torch.uint8)}, document)
+        tensors = {"mask": self._mask.to(torch.uint8)}
+        if self.max_order > 0:
+            tensors["order"] = self._orders.to(torch.uint8)
+        formats.write(path, "schedule", tensors, document)
 
     @classmethod
     def load(cls, path) -> "Schedule":
-        tensor, document = _read(path, "schedule", "mask", "Schedule.load")
+        tensors, document = _read(path, "schedule", "mask", "Schedule.load", optional=("order",))
+        tensor = tensors["mask"]
 
         def fail(problem: str) -> ValueError:
             return _file_error("schedule", path, problem)
@@ -381,7 +455,13 @@ class Schedule(_Plan):
         recorded = document.get("cache_usage")
         if isinstance(recorded, bool) or not isinstance(recorded, (int, float)):
             raise fail(f"header cache_usage must be a number, got {recorded!r}")
-        schedule = cls(mask, metadata=_user_metadata(document))
+        orders = tensors.get("order")
+        if orders is not None and orders.dtype != torch.uint8:
+            raise fail(f"tensor 'order' must be uint8 (forecast order per unit), got {orders.dtype}")
+        try:
+            schedule = cls(mask, orders=None if orders is None else orders.long(), metadata=_user_metadata(document))
+        except ValueError as e:
+            raise fail(str(e)) from None
         # Half a unit of tolerance: any real disagreement is at least one (step, unit) pair.
         if abs(recorded - schedule.cache_usage) > 0.5 / mask.numel():
             raise fail(
@@ -395,10 +475,11 @@ class Schedule(_Plan):
     def __eq__(self, other):
         if not isinstance(other, Schedule):
             return NotImplemented
-        return self._mask.shape == other._mask.shape and torch.equal(self._mask, other._mask)
+        return (self._mask.shape == other._mask.shape and torch.equal(self._mask, other._mask)
+                and torch.equal(self._orders, other._orders) and self.coords == other.coords)
 
     def __hash__(self):
-        return hash((tuple(self._mask.shape), self._mask.numpy().tobytes()))
+        return hash((tuple(self._mask.shape), self._mask.numpy().tobytes(), self._orders.numpy().tobytes()))
 
     def __repr__(self):
         return f"Schedule(T={self.num_steps}, L={self.num_blocks}, CUR={self.cache_usage:.2%})"
@@ -489,8 +570,17 @@ class Router(_Plan, torch.nn.Module):
         with torch.no_grad():
             mask = (self.weights() > threshold).cpu()
         mask[0] = True  # weights() gives 1.0 there, but threshold == 1.0 must not empty step 0
+        # Skipped units are served as the router was trained to serve them: reuse or a forecast.
+        orders = torch.full(mask.shape, self.forecast_order, dtype=torch.long)
         # The router's own "method" (e.g. "harmonica" or "l2c", set by training) wins over the generic one.
-        return Schedule(mask, metadata={"method": "router", **self.metadata, "threshold": float(threshold)})
+        return Schedule(mask, orders=orders,
+                        metadata={"method": "router", **self.metadata, "threshold": float(threshold)})
+
+    @property
+    def forecast_order(self) -> int:
+        """How skipped units are served: 0 = reuse, m = forecast of order m (``metadata["forecast_order"]``)."""
+        order = self.metadata.get("forecast_order")
+        return 0 if order is None else order
 
     def threshold_for(
         self,
@@ -560,7 +650,8 @@ class Router(_Plan, torch.nn.Module):
 
     @classmethod
     def load(cls, path) -> "Router":
-        tensor, document = _read(path, "router", "logits", "Router.load")
+        tensors, document = _read(path, "router", "logits", "Router.load")
+        tensor = tensors["logits"]
 
         def fail(problem: str) -> ValueError:
             return _file_error("router", path, problem)
@@ -579,3 +670,34 @@ def _check_threshold(threshold) -> None:
     # Weights are probabilities, so a threshold outside [0, 1] is a unit mistake (e.g. percent).
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be a number in [0, 1] (compute iff weight > threshold), got {threshold!r}")
+
+
+MAX_ORDER = 4  # beyond this, extrapolating a network's outputs diverges (and each order costs a slot)
+
+
+def _checked_orders(orders: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """int64 (T, L, 2) forecast orders, zero where a unit computes."""
+    if orders is None:
+        return torch.zeros(mask.shape, dtype=torch.long)
+    if not isinstance(orders, torch.Tensor) or orders.dtype in (torch.bool,) or orders.is_floating_point():
+        raise ValueError(f"orders must be an integer tensor of shape {tuple(mask.shape)} (0 = reuse, m = forecast of "
+                         f"order m), got {orders.dtype if isinstance(orders, torch.Tensor) else type(orders).__name__}")
+    if tuple(orders.shape) != tuple(mask.shape):
+        raise ValueError(f"orders must have the mask's shape {tuple(mask.shape)}, got {tuple(orders.shape)}")
+    orders = orders.detach().to("cpu", torch.long, copy=True)
+    if bool((orders < 0).any()) or bool((orders > MAX_ORDER).any()):
+        raise ValueError(f"orders must lie in [0, {MAX_ORDER}], got values {sorted(set(orders.unique().tolist()))}")
+    return orders.masked_fill_(mask, 0).contiguous()
+
+
+def _check_coords(coords, num_steps: int) -> None:
+    if coords is None:
+        return
+    ok = isinstance(coords, list) and len(coords) == num_steps and all(
+        isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coords)
+    if ok and num_steps > 1:
+        diffs = [b - a for a, b in zip(coords, coords[1:])]
+        ok = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    if not ok:
+        raise ValueError(f"metadata['coords'] must be {num_steps} finite numbers, strictly increasing or decreasing "
+                         f"(one position per step for forecasts), got {coords!r}")

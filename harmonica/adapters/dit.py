@@ -92,4 +92,4 @@ class DiT:
             + linear_flops(transformer.proj_out_1, 1)
             + linear_flops(transformer.proj_out_2, tokens)
         )
-        return ModelCost(attn=batch * attn, mlp=batch * mlp, fixed=batch * fixed)
+        return ModelCost(attn=batch * attn, mlp=batch * mlp, fixed=batch * fixed, unit_elements=batch * tokens * dim)

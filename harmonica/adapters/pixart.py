@@ -89,4 +89,4 @@ class PixArt:
             + (linear_flops(transformer.caption_projection, text_tokens) if transformer.caption_projection else 0.0)
             + linear_flops(transformer.proj_out, tokens)
         )
-        return ModelCost(attn=batch * attn, mlp=batch * mlp, fixed=batch * fixed)
+        return ModelCost(attn=batch * attn, mlp=batch * mlp, fixed=batch * fixed, unit_elements=batch * tokens * dim)

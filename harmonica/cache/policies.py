@@ -22,12 +22,12 @@ import torch
 
 from .. import ops
 from ..schedule import Schedule
+from .forecast import Action, Compute, Forecast, Update, unit_plan
 
 if TYPE_CHECKING:
     from .runtime import CacheRuntime
 
-__all__ = ["BranchFn", "BranchPolicy", "PlanPolicy", "PerSamplePolicy", "build_plan", "COMPUTE", "STORE", "READ",
-           "READ_LAST"]
+__all__ = ["BranchFn", "BranchPolicy", "PlanPolicy", "PerSamplePolicy", "build_plan"]
 
 BranchFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 """``branch_fn(x_rows, rows)``: the branch output (before the gate) for the samples ``rows`` of the
@@ -74,6 +74,15 @@ def read(x, gate, slot):
     return (ops.cache_read_ if _in_place(x, dtype) else ops.cache_read)(x, gate, slot)
 
 
+def update(x, gate, fresh, slots, inv):
+    return (ops.forecast_update_ if _in_place(x, slots[0].dtype) else ops.forecast_update)(x, gate, fresh, slots, inv)
+
+
+def forecast(x, gate, slots, coeffs):
+    dtype = ops.result_dtype(x, gate, *slots)
+    return (ops.forecast_read_ if _in_place(x, dtype) else ops.forecast_read)(x, gate, slots, coeffs)
+
+
 def merge(x, gate, fresh, rows, slot):
     return (ops.gated_merge_ if _in_place(x, slot.dtype) else ops.gated_merge)(x, gate, fresh, rows, slot)
 
@@ -94,62 +103,76 @@ def missing_slot(runtime: "CacheRuntime", block: int, branch: int, step: int) ->
 
 # ---------------------------------------------------------------------------------------------- static plans
 
-# What a unit does at a step, precomputed from the schedule so the forward needs no tensor lookups
-# (and torch.compile sees plain Python constants, no host sync).
-COMPUTE = 0  # compute; no later step reads this result, so no slot is kept
-STORE = 1  # compute and keep the pre-gate output: the next step reads it
-READ = 2  # reuse the slot; a later step reads it again
-READ_LAST = 3  # reuse the slot for the last time, then free it
 
-
-def build_plan(mask: torch.Tensor) -> tuple[tuple[tuple[int, int], ...], ...]:
-    """Actions (T, L, 2) from a compute mask: a slot lives only from its write to its last read."""
-    m = mask.tolist()
-    steps = len(m)
-    plan = []
-    for t in range(steps):
-        row = []
-        for l, units in enumerate(m[t]):
-            acts = []
-            for b, compute in enumerate(units):
-                next_reads = t + 1 < steps and not m[t + 1][l][b]
-                if compute:
-                    acts.append(STORE if next_reads else COMPUTE)
-                else:
-                    acts.append(READ if next_reads else READ_LAST)
-            row.append(tuple(acts))
-        plan.append(tuple(row))
-    return tuple(plan)
+def build_plan(schedule: Schedule) -> tuple[tuple[tuple[Action, Action], ...], ...]:
+    """Actions (T, L, 2) of a schedule (see harmonica.cache.forecast): each unit keeps a slot, or a
+    table of divided differences, only from the compute a later step needs to the last step needing it."""
+    mask, orders, coords = schedule.mask.tolist(), schedule.orders.tolist(), schedule.coords
+    steps, blocks = len(mask), len(mask[0])
+    per_unit = {(l, b): unit_plan([mask[t][l][b] for t in range(steps)], [orders[t][l][b] for t in range(steps)],
+                                  coords)
+                for l in range(blocks) for b in range(2)}
+    return tuple(tuple((per_unit[l, 0][t], per_unit[l, 1][t]) for l in range(blocks)) for t in range(steps))
 
 
 class PlanPolicy:
-    """Serve every branch as a static :class:`~harmonica.Schedule` says, at the step clock's step."""
+    """Serve every branch as a static :class:`~harmonica.Schedule` says, at the step clock's step.
+
+    A unit's table of divided differences is ``keep + 1`` ordinary slots (keys ``(..., i)``), so every
+    slot has one shape and its storage recycles, and a unit holds only the orders its next forecasts use.
+    """
 
     counts_calls = True
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
-        self.plan = build_plan(schedule.mask)
+        self.plan = build_plan(schedule)
 
     def computes(self, runtime, block):
-        return tuple(action in (COMPUTE, STORE) for action in self.plan[runtime.clock.step][block])
+        return tuple(not isinstance(action, Forecast) for action in self.plan[runtime.clock.step][block])
+
+    def peak_slots(self) -> int:
+        """The most branch-output-sized slots alive at once in a run: what ``peak_cache_bytes`` will be,
+        in units of one branch output, whatever the model."""
+        live, peak = {}, 0
+        for row in self.plan:
+            for block, actions in enumerate(row):
+                for branch, action in enumerate(actions):
+                    unit = (block, branch)
+                    if isinstance(action, Update):
+                        live[unit] = action.keep + 1
+                    peak = max(peak, sum(live.values()))
+                    if isinstance(action, Forecast) and action.last:
+                        live.pop(unit, None)
+        return peak
 
     def run_branch(self, runtime, block, branch, x, gate, branch_fn):
-        clock = runtime.clock
-        key = (block, branch, clock.call)
+        clock, slots = runtime.clock, runtime.slots
+        unit = (block, branch, clock.call)
         action = self.plan[clock.step][block][branch]
-        if action == COMPUTE:
+        if isinstance(action, Compute):
             return gated(x, gate, branch_fn(x, None))
-        if action == STORE:
+        if isinstance(action, Update):
             out = branch_fn(x, None)
-            return write(x, gate, out, runtime.slots.slot_for(key, slot_like(x, gate, out)))
-        slot = runtime.slots.get(key)
-        if slot is None:
+            like = slot_like(x, gate, out)
+            _free_orders(slots, unit, action.keep + 1)  # orders no later forecast uses
+            if action.keep == 0:
+                return write(x, gate, out, slots.slot_for((*unit, 0), like))
+            return update(x, gate, out, [slots.slot_for((*unit, i), like) for i in range(action.keep + 1)], action.inv)
+        table = [slots.get((*unit, i)) for i in range(len(action.coeffs))]
+        if any(slot is None for slot in table):
             raise missing_slot(runtime, block, branch, clock.step)
-        out = read(x, gate, slot)
-        if action == READ_LAST:
-            runtime.slots.free(key)
+        out = read(x, gate, table[0]) if len(table) == 1 else forecast(x, gate, table, action.coeffs)
+        if action.last:
+            _free_orders(slots, unit, 0)
         return out
+
+
+def _free_orders(slots, unit: tuple, first: int) -> None:
+    """Free the unit's difference slots of order ``first`` and up."""
+    while slots.get((*unit, first)) is not None:
+        slots.free((*unit, first))
+        first += 1
 
 
 # ---------------------------------------------------------------------------------------------- per-sample

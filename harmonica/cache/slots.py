@@ -4,8 +4,8 @@ Live bytes are what the schedule's liveness says (``cache_bytes``, peak in ``pea
 A freed slot's storage is kept for the next store of the same shape, dtype and device instead of being
 returned to the allocator: on CPU, glibc hands large blocks back to the kernel at free and page-faults
 them in afresh at the next allocation, which cost a plain process ~10% of a cached DiT-XL/2 step.
-Spares of one shape at a time are kept, never more than the peak of live slots, so the memory a
-run keeps is still the liveness bound; ``release(keep_pool=False)`` (disable_cache) gives it all back.
+The pool holds only shapes the last run stored, each at most as many as that run had alive at once,
+so the memory kept between runs is the liveness bound; ``release(keep_pool=False)`` (disable_cache) gives it all back.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ class SlotStore:
         self._pool: dict[tuple, list[torch.Tensor]] = defaultdict(list)
         self.cache_bytes = 0
         self.peak_cache_bytes = 0
-        self.allocations = 0  # fresh allocations so far (a warm run of the same shape makes none)
+        self.pooled_bytes = 0  # storage of freed slots kept for the next store of the same shape
+        self.allocations = 0
+        self._kinds_used: set = set()  # (shape, dtype, device) stored since the last release  # fresh allocations so far (a warm run of the same shape makes none)
 
     def get(self, key: Hashable) -> torch.Tensor | None:
         return self._live.get(key)
@@ -46,16 +48,14 @@ class SlotStore:
         spare = self._pool.get(kind)
         if spare:
             slot = spare.pop()
+            self.pooled_bytes -= _nbytes(slot)
         else:
-            # A new shape (another batch size or resolution): spares of other shapes belong to an
-            # earlier configuration; dropping them keeps live + pooled memory within one peak.
-            for other in [k for k in self._pool if k != kind]:
-                del self._pool[other]
             slot = torch.empty(like.shape, dtype=like.dtype, device=like.device)
             self.allocations += 1
         self._live[key] = slot
         self.cache_bytes += _nbytes(slot)
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
+        self._kinds_used.add(kind)
         return slot
 
     def store_new(self, key: Hashable, value: torch.Tensor) -> None:
@@ -73,17 +73,20 @@ class SlotStore:
         self.cache_bytes -= _nbytes(slot)
         if recycle:
             self._pool[(tuple(slot.shape), slot.dtype, slot.device)].append(slot)
+            self.pooled_bytes += _nbytes(slot)
 
     def release(self, *, keep_pool: bool = True) -> None:
-        """Free every slot (a new run starts); ``keep_pool=False`` also returns the pooled storage."""
+        """Free every slot (a new run starts); ``keep_pool=False`` also returns the pooled storage.
+
+        Spares of shapes the ending run did not store (an earlier batch size or resolution) are returned
+        too, so the pool holds at most what the last run had alive at its peak."""
         for key in list(self._live):
             self.free(key, recycle=keep_pool)
-        if not keep_pool:
-            self._pool.clear()
+        if not keep_pool or self._kinds_used:  # a release right after a release changes nothing
+            for kind in [k for k in self._pool if not keep_pool or k not in self._kinds_used]:
+                self.pooled_bytes -= sum(_nbytes(t) for t in self._pool.pop(kind))
+        self._kinds_used.clear()
 
     def reset_peak(self) -> None:
         self.peak_cache_bytes = self.cache_bytes
 
-    @property
-    def pooled_bytes(self) -> int:
-        return sum(_nbytes(t) for spares in self._pool.values() for t in spares)

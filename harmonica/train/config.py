@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ..adapters import ModelFacts
-from ..schedule import DEFAULT_THRESHOLD, ModelCost, Router, Schedule
+from ..schedule import DEFAULT_THRESHOLD, MAX_ORDER, ModelCost, Router, Schedule
 
 __all__ = ["ClassConditioning", "PromptConditioning", "TrainConfig", "METHODS", "IEPO_VARIANTS"]
 
@@ -138,6 +138,9 @@ class TrainConfig:
                    threshold chosen so the delivered (hard) schedule meets the target.
     beta_adapt_rate: log-space step of beta per optimiser update per unit of target error.
     iepo_refresh:  C, iterations between IEPO lambda refreshes (HarmoniCa only).
+    forecast_order: how the delivered schedule serves a skipped unit, and so what training blends
+                   with: 0 = reuse of its last output (HarmoniCa, L2C), m = a forecast of order m from its
+                   last m + 1 computes (harmonica.cache.forecast; 1 or 2 recommended).
     iepo_variant:  "paper" (lambda_t from disabling caching at step t only) or "cumulative"
                    (the reference code's variant).
     threshold:     the inference threshold tau used to measure CUR during training (and the final
@@ -160,6 +163,7 @@ class TrainConfig:
     target_cur: Optional[float] = None
     beta_adapt_rate: float = 0.02
     iepo_refresh: int = 500
+    forecast_order: int = 0
     iepo_variant: str = "paper"
     threshold: float = DEFAULT_THRESHOLD
     clamp: float = 5.0
@@ -258,6 +262,9 @@ def validate(config: TrainConfig, *, sampler: str, facts: ModelFacts, cost_fn: C
     _number(config, "init_std", low=0.0, strict=False)
     if not (isinstance(config.threshold, (int, float)) and 0 < config.threshold < 1):
         raise _fail("threshold", f"must be in (0, 1) (compute iff weight > threshold), got {config.threshold!r}")
+    if isinstance(config.forecast_order, bool) or not isinstance(config.forecast_order, int) or not (
+            0 <= config.forecast_order <= MAX_ORDER):
+        raise _fail("forecast_order", f"must be an int in [0, {MAX_ORDER}] (0 = reuse), got {config.forecast_order!r}")
     if config.iepo_variant not in IEPO_VARIANTS:
         raise _fail("iepo_variant", f"unknown variant {config.iepo_variant!r}; choose one of {', '.join(IEPO_VARIANTS)}")
 

@@ -58,7 +58,7 @@ class Run:
     def soft(self, first_step: int = 0) -> SoftPolicy:
         """The student policy at the router's current weights (no graph: the trajectory's own steps set
         graph-carrying weights before each update)."""
-        return SoftPolicy(self.router.weights().detach(), self.config.threshold, first_step)
+        return SoftPolicy(self.router.weights().detach(), self.config.threshold, first_step, self.config.forecast_order)
 
     def teacher(self, fn, x: torch.Tensor, t, step: int) -> torch.Tensor:
         """Full compute, no slot read or write, no graph: the uncached model's batched output."""

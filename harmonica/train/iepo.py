@@ -33,7 +33,7 @@ from .policies import SoftPolicy
 @torch.no_grad()
 def generate_soft(run: Run, x_T: torch.Tensor, cond, uncond, weights: torch.Tensor, iteration: int) -> torch.Tensor:
     """x_0 from x_T with the soft cache driven by ``weights`` (T, L, 2)."""
-    soft = SoftPolicy(weights, run.config.threshold)
+    soft = SoftPolicy(weights, run.config.threshold, order=run.config.forecast_order)
     with run.runtime.using(soft), run.runtime.driven_by(run.scheduler):
         return denoise(guided(run.transformer, cond, uncond, run.config.guidance_scale), run.scheduler, x_T,
                        num_inference_steps=run.num_steps, generator=run.sampler_generator(iteration),

@@ -3,7 +3,8 @@
 One update: take real data x_0, noise it to a random step k of the sampling grid (forward process),
 run one FULL step at k (it fills the cache, and the sampler advances to step k+1), then compare the
 teacher (full compute) with the student (soft blend reading that cache) at step k+1:
-loss = MSE(teacher, student) + beta * sum(w_{k+1}).
+loss = MSE(teacher, student) + beta * sum(w_{k+1}). With ``forecast_order`` m the cache is filled by
+m + 1 full steps, k-m..k, so the student forecasts from as much history as at inference.
 
 The cache therefore always comes from one full step, never from earlier cached steps as at inference
 ("prior timestep disregard"), and the loss is per-step noise prediction, not the final image
@@ -39,16 +40,22 @@ def update(run: Run, iteration: int) -> dict:
     cond, uncond = run.conditioning(choices)
     fn = guided(run.transformer, cond, uncond, cfg.guidance_scale, raw=True)
     scheduler, runtime = run.scheduler, run.runtime
-    soft = run.soft(first_step=k)
+    # The cache is filled by full steps from the noised data: one step for reuse, order + 1 steps for a
+    # forecast of that order (fewer near the start, where inference has fewer computes to extrapolate).
+    start = max(0, k - cfg.forecast_order)
+    soft = run.soft(first_step=start)
     with runtime.using(soft), runtime.driven_by(scheduler):
         scheduler.set_timesteps(run.num_steps, device=run.device)
-        runtime.clock.begin_run(driven=True, first_step=k)
-        t_k, t_next = scheduler.timesteps[k], scheduler.timesteps[k + 1]
-        x_k = scheduler.add_noise(x0, noise, t_k.reshape(1).expand(x0.shape[0]))
+        runtime.clock.begin_run(driven=True, first_step=start)
+        t_start, t_next = scheduler.timesteps[start], scheduler.timesteps[k + 1]
+        x = scheduler.add_noise(x0, noise, t_start.reshape(1).expand(x0.shape[0]))
+        soft.weights = torch.ones_like(soft.weights)  # full computes: every unit refreshes its cache
         with torch.no_grad():
-            eps_k = fn(scheduler.scale_model_input(x_k, t_k), t_k, k)[0]
-        x_next = scheduler.step(eps_k, t_k, x_k, return_dict=False)[0]
-        x_in = scheduler.scale_model_input(x_next, t_next)
+            for step in range(start, k + 1):
+                t = scheduler.timesteps[step]
+                eps = fn(scheduler.scale_model_input(x, t), t, step)[0]
+                x = scheduler.step(eps, t, x, return_dict=False)[0]
+        x_in = scheduler.scale_model_input(x, t_next)
         teacher = run.teacher(fn, x_in, t_next, k + 1)
         _, mse = run.student_update(fn, soft, x_in, t_next, k + 1, teacher, 1.0)
     out = torch.zeros(run.num_steps, device=run.device)

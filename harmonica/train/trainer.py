@@ -196,6 +196,7 @@ def _finish(router: Router, run: Run, config: TrainConfig, cost: ModelCost, samp
         "model_class": facts.model_class,
         "block_width": facts.block_width,
         "threshold": threshold,
+        "forecast_order": config.forecast_order,
         "achieved_cur": cur,
         "theoretical_speedup": speedup,
         "guidance_scale": config.guidance_scale,
