@@ -51,7 +51,7 @@ class SoftPolicy:
             table[0] = fresh.detach()
             runtime.slots.store_new(key, table)
             positions = torch.full((self.order + 1,), float("nan"), dtype=torch.float64, device=x.device)
-            positions[0] = position
+            positions[0].fill_(position)  # a factory fill: no tensor made from Python data
             self._history[key] = (positions, torch.ones((), dtype=torch.long, device=x.device))
             return gated(x, gate, fresh)
         positions, count = self._history[key]
