@@ -275,10 +275,13 @@ class Schedule(_Plan):
     @classmethod
     def taylorseer(cls, num_steps: int, num_blocks: int, interval: int = 4, order: int = 1, *, warmup: int = 1,
                    tail: int = 0) -> "Schedule":
-        """TaylorSeer (Liu et al., ICCV 2025): compute every unit at steps t % interval == 0, at the first
-        ``warmup`` steps and the last ``tail`` steps, and forecast every unit in between from its last
-        ``order`` + 1 computes (order 0 = FORA's reuse). The forecast is Newton's form of TaylorSeer's
-        finite-difference Taylor series, exact for the non-uniform gaps warmup and tail create."""
+        """TaylorSeer's static schedule (Liu et al., ICCV 2025): compute every unit at steps
+        t % interval == 0, at the first ``warmup`` steps and the last ``tail`` steps, and forecast every
+        unit in between from its last ``order`` + 1 computes (order 0 = FORA's reuse).
+
+        The forecast is harmonica's (Newton's interpolating polynomial, harmonica.cache.forecast): the
+        same as TaylorSeer's finite-difference Taylor rule at order 1, the exact polynomial through the
+        computes (rather than TaylorSeer's truncated series) from order 2 on."""
         for name, value in (("num_steps", num_steps), ("num_blocks", num_blocks), ("interval", interval)):
             _positive_int(name, value)
         for name, value, high in (("order", order, MAX_ORDER), ("warmup", warmup, num_steps), ("tail", tail, num_steps)):
