@@ -405,6 +405,13 @@ class Schedule(_Plan):
         attn, mlp = self._mask.sum(dim=(0, 1)).tolist()
         return cost.speedup(self.num_steps, self.num_blocks, attn, mlp, self.forecast_terms())
 
+    def peak_cache_slots(self) -> int:
+        """The most slots alive at once in a run, each one branch output (batch x tokens x width): times
+        its bytes, the ``peak_cache_bytes`` a run will report. Forecast tables count order + 1 slots."""
+        from .cache.policies import PlanPolicy
+
+        return PlanPolicy(self).peak_slots()
+
     def forecast_terms(self) -> int:
         """Multiply-adds per output element that forecasting adds over the run: each order-m forecast m,
         each compute that refreshes an order-k table k (the plan of harmonica.cache.forecast, orders

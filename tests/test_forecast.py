@@ -241,8 +241,6 @@ def test_router_trained_with_forecasting_deploys_forecasts():
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_peak_cache_bytes_count_every_difference_slot(name):
-    from harmonica.cache.policies import PlanPolicy
-
     make_model, conditioning = MODELS["dit"]
     model, schedule = make_model(), SCHEDULES[name]
     cond, uncond = conditioning()
@@ -255,6 +253,6 @@ def test_peak_cache_bytes_count_every_difference_slot(name):
     assert runtime.slots.allocations == cold, "tables and plain slots of warm runs come from the pool"
     assert runtime.slots.pooled_bytes <= runtime.peak_cache_bytes
     slot_bytes = 4 * 16 * 32 * 4  # (2 CFG halves x 2 samples, 16 tokens, width 32) float32
-    peak = PlanPolicy(schedule).peak_slots()
+    peak = schedule.peak_cache_slots()
     assert runtime.peak_cache_bytes == peak * slot_bytes
-    assert peak > PlanPolicy(hc.Schedule(schedule.mask)).peak_slots(), "forecast tables hold more than reuse slots"
+    assert peak > hc.Schedule(schedule.mask).peak_cache_slots(), "forecast tables hold more than reuse slots"
