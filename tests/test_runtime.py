@@ -63,7 +63,7 @@ def _model_offload_active(pipe):
 def _sequential_offload(pipe):
     # What pipe.enable_sequential_cpu_offload() installs (accelerate's cpu_offload on every component).
     # The pipeline method itself cannot run on a CPU-only machine: it turns device="cpu" into "cpu:0",
-    # on which accelerate 1.15 fails with or without harmonica; the GPU test below calls it for real.
+    # on which accelerate 1.15 fails with or without harmonica; a GPU test calls it for real.
     from accelerate import cpu_offload
 
     for model in pipe.components.values():
@@ -155,6 +155,35 @@ def test_cache_composes_with_diffusers_hooks(family, helper, order):
     active = probe(pipe)
     np.testing.assert_allclose(run(pipe, kwargs_fn), uncached, rtol=1e-5, atol=1e-6)
     assert active(), f"disable_cache broke {helper}"
+
+
+CUDA_HELPERS = {
+    "model_cpu_offload": lambda pipe: pipe.enable_model_cpu_offload(device="cuda"),
+    "sequential_cpu_offload": lambda pipe: pipe.enable_sequential_cpu_offload(device="cuda"),
+    "group_offload_leaf_streams": lambda pipe: pipe.transformer.enable_group_offload(
+        onload_device=torch.device("cuda"), offload_type="leaf_level", use_stream=True),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("order", ["cache_first", "hook_first"])
+@pytest.mark.parametrize("helper", CUDA_HELPERS)
+def test_cache_composes_with_the_pipelines_own_offloading_on_cuda(helper, order):
+    """The pipeline methods themselves (the CPU tests install the same hooks directly: on a machine
+    without a GPU these methods refuse or fail inside accelerate). PixArt: diffusers allows group
+    offloading on it, not on DiT."""
+    make_pipe, kwargs_fn = PIPELINES["pixart"]
+    pipe = make_pipe()
+    CUDA_HELPERS[helper](pipe)
+    expected = hooked_reference_run(pipe, kwargs_fn, SCHEDULE)
+    pipe = make_pipe()
+    steps = (lambda: hc.enable_cache(pipe, SCHEDULE), lambda: CUDA_HELPERS[helper](pipe))
+    for step in steps if order == "cache_first" else steps[::-1]:
+        step()
+    for _ in range(2):
+        assert rel_err(run(pipe, kwargs_fn), expected) <= 1e-4  # TF32-free float32 on the GPU, fused rounding
+    hc.disable_cache(pipe)
+    assert_no_harmonica(pipe.transformer)
 
 
 @pytest.mark.parametrize("family", PIPELINES)
