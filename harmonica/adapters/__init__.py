@@ -9,14 +9,14 @@ inspects blocks or model configs. Adding SD3 / Sana / HunyuanDiT means adding on
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Protocol, runtime_checkable
+from typing import NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from ..schedule import ModelCost
 
-__all__ = ["ADAPTERS", "Adapter", "BranchRunner", "ModelFacts", "find_adapter", "find_blocks", "model_facts",
+__all__ = ["ADAPTERS", "Adapter", "BlockArgs", "BranchRunner", "ModelFacts", "find_adapter", "find_blocks", "model_facts",
            "supported_models"]
 
 
@@ -56,9 +56,8 @@ class Adapter(Protocol):
     def facts(self, transformer: nn.Module) -> ModelFacts: ...
 
     def block_forward(self, block: nn.Module, index: int, runner: BranchRunner, hidden_states: torch.Tensor,
-                      *args, **kwargs) -> torch.Tensor:
-        """The block's forward (same signature as the diffusers block's) with each cacheable branch
-        handed to ``runner.run_branch``."""
+                      args: "BlockArgs") -> torch.Tensor:
+        """The block's forward with each cacheable branch handed to ``runner.run_branch``."""
 
     def model_cost(self, transformer: nn.Module, batch: int, height: int, width: int,
                    text_tokens: Optional[int] = None) -> ModelCost: ...
@@ -100,6 +99,19 @@ def model_facts(transformer: nn.Module) -> ModelFacts:
 # ---------------------------------------------------------------------------------------------- shared helpers
 
 
+class BlockArgs(NamedTuple):
+    """The arguments of diffusers' ``BasicTransformerBlock.forward`` after ``hidden_states``, in its
+    positional order (gradient checkpointing passes them positionally)."""
+
+    attention_mask: Optional[torch.Tensor] = None
+    encoder_hidden_states: Optional[torch.Tensor] = None
+    encoder_attention_mask: Optional[torch.Tensor] = None
+    timestep: Optional[torch.Tensor] = None
+    cross_attention_kwargs: Optional[dict] = None
+    class_labels: Optional[torch.Tensor] = None
+    added_cond_kwargs: Optional[dict] = None
+
+
 def rows(t: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
     """The samples ``index`` of a per-sample tensor (all of it when index is None)."""
     return t if t is None or index is None else t.index_select(0, index)
@@ -138,6 +150,20 @@ def branch_flops(block: nn.Module, tokens: int) -> tuple[float, float]:
 
 def block_width(block: nn.Module) -> int:
     return block.attn1.to_q.in_features
+
+
+def transformer_cost(transformer: nn.Module, batch: int, height: int, width: int, block_fixed, model_fixed) -> ModelCost:
+    """:class:`ModelCost` of a patch-embedding transformer of identical blocks: the family adds what a
+    block spends whatever caching does (``block_fixed(block, tokens, width)``) and what the model spends
+    outside its blocks besides the patch embedding (``model_fixed(tokens)``)."""
+    patch = transformer.config.patch_size
+    tokens = (height // patch) * (width // patch)
+    block = transformer.transformer_blocks[0]
+    dim = block_width(block)
+    attn, mlp = branch_flops(block, tokens)
+    fixed = (len(transformer.transformer_blocks) * block_fixed(block, tokens, dim)
+             + patch_embed_flops(transformer, tokens) + model_fixed(tokens))
+    return ModelCost(attn=batch * attn, mlp=batch * mlp, fixed=batch * fixed, unit_elements=batch * tokens * dim)
 
 
 # Last: the adapters import the helpers above.

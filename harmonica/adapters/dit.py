@@ -10,7 +10,7 @@ from torch import nn
 
 from ..cache.install import hooked
 from ..schedule import ModelCost
-from . import ModelFacts, block_width, branch_flops, linear_flops, patch_embed_flops, rows
+from . import BlockArgs, ModelFacts, block_width, linear_flops, rows, transformer_cost
 
 
 class DiT:
@@ -36,23 +36,10 @@ class DiT:
             null_class=null,
         )
 
-    def block_forward(
-        self,
-        block,
-        index: int,
-        runner,
-        hidden_states: torch.Tensor,
-        attention_mask=None,
-        encoder_hidden_states=None,
-        encoder_attention_mask=None,
-        timestep=None,
-        cross_attention_kwargs=None,
-        class_labels=None,
-        added_cond_kwargs=None,
-    ) -> torch.Tensor:
+    def block_forward(self, block, index: int, runner, hidden_states: torch.Tensor, args: BlockArgs) -> torch.Tensor:
         norm1 = block.norm1
         # The adaLN modulation is per sample (no tokens) and always runs, so the gates follow the step.
-        cond = norm1.silu(norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype))
+        cond = norm1.silu(norm1.emb(args.timestep, args.class_labels, hidden_dtype=hidden_states.dtype))
         attn_on, mlp_on = runner.computes(index)
         if (attn_on and mlp_on) or hooked(norm1.linear):
             # A hooked linear (offloaded or cast weights) must be called as a module.
@@ -64,11 +51,11 @@ class DiT:
             needed = (attn_on, attn_on, True, mlp_on, mlp_on, True)
             chunks = [F.linear(cond, w, b) if need else None for w, b, need in zip(weight, bias, needed)]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks
-        attn_kwargs = cross_attention_kwargs or {}
+        attn_kwargs = args.cross_attention_kwargs or {}
 
         def attn(x: torch.Tensor, index_rows: torch.Tensor | None) -> torch.Tensor:
             h = norm1.norm(x) * (1 + rows(scale_msa, index_rows)[:, None]) + rows(shift_msa, index_rows)[:, None]
-            return block.attn1(h, attention_mask=rows(attention_mask, index_rows), **attn_kwargs)
+            return block.attn1(h, attention_mask=rows(args.attention_mask, index_rows), **attn_kwargs)
 
         def mlp(x: torch.Tensor, index_rows: torch.Tensor | None) -> torch.Tensor:
             h = block.norm3(x) * (1 + rows(scale_mlp, index_rows)[:, None]) + rows(shift_mlp, index_rows)[:, None]
@@ -79,17 +66,9 @@ class DiT:
 
     def model_cost(self, transformer: nn.Module, batch: int, height: int, width: int,
                    text_tokens: Optional[int] = None) -> ModelCost:
-        patch = transformer.config.patch_size
-        tokens = (height // patch) * (width // patch)
-        block = transformer.transformer_blocks[0]
-        dim = block.norm3.normalized_shape[0]
-        num_blocks = len(transformer.transformer_blocks)
-        attn, mlp = branch_flops(block, tokens)
-        per_block_fixed = linear_flops(block.norm1, 1) + 2 * 2.0 * tokens * dim  # modulation + 2 gated adds
-        fixed = (
-            num_blocks * per_block_fixed
-            + patch_embed_flops(transformer, tokens)
-            + linear_flops(transformer.proj_out_1, 1)
-            + linear_flops(transformer.proj_out_2, tokens)
+        return transformer_cost(
+            transformer, batch, height, width,
+            # the modulation linear and the two gated residual adds
+            block_fixed=lambda block, tokens, dim: linear_flops(block.norm1, 1) + 2 * 2.0 * tokens * dim,
+            model_fixed=lambda tokens: linear_flops(transformer.proj_out_1, 1) + linear_flops(transformer.proj_out_2, tokens),
         )
-        return ModelCost(attn=batch * attn, mlp=batch * mlp, fixed=batch * fixed, unit_elements=batch * tokens * dim)

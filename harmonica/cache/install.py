@@ -45,7 +45,9 @@ class BlockForward:
         functools.update_wrapper(self, original)  # inspect.signature and friends see the real signature
 
     def __call__(self, hidden_states, *args, **kwargs):
-        return self.adapter.block_forward(self.block, self.index, self.runtime, hidden_states, *args, **kwargs)
+        from ..adapters import BlockArgs
+
+        return self.adapter.block_forward(self.block, self.index, self.runtime, hidden_states, BlockArgs(*args, **kwargs))
 
 
 def _own_forward(module: nn.Module, fn) -> bool:
