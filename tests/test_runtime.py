@@ -312,6 +312,20 @@ def test_autocast_bf16_cached_follows_the_uncached_model(family):
     assert rel_err(scheduled, expected) < bf16_error
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_on_cuda_cached_follows_the_uncached_model(dtype):
+    pipe = dit_pipeline().to("cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        uncached = run(pipe, dit_pipeline_kwargs)
+        expected = hooked_reference_run(pipe, dit_pipeline_kwargs, SCHEDULE)
+        hc.enable_cache(pipe, SCHEDULE)
+        scheduled = run(pipe, dit_pipeline_kwargs)
+    hc.disable_cache(pipe)
+    half_error = rel_err(uncached, run(pipe, dit_pipeline_kwargs))  # what autocast itself costs
+    assert rel_err(scheduled, expected) < max(half_error, 1e-3)
+
+
 def test_ops_promote_mixed_dtypes_like_the_eager_composition():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 16, generator=g)
