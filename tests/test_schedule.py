@@ -571,3 +571,19 @@ def test_plans_without_a_record_pass_silently(recwarn):
     assert len(recwarn) == 0
     with pytest.raises(ValueError, match="'timesteps' must be a list of numbers"):
         check_sampler(Schedule(Schedule.fora(4, 2).mask, metadata={"timesteps": "ddim"}), _euler())
+
+
+@pytest.mark.parametrize("name, value", [("height", 0), ("width", -8), ("batch", 0), ("text_tokens", 0),
+                                         ("height", 16.0), ("batch", True)])
+def test_model_cost_refuses_sizes_that_are_not_positive_ints(name, value):
+    from diffusers import DiTTransformer2DModel
+
+    from harmonica import model_cost
+
+    with torch.device("meta"):  # only the structure is read
+        model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                      num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    kwargs = {"batch": 2, name: value}
+    with pytest.raises(ValueError, match=f"model_cost: {name} must be a positive int, got {value!r}"):
+        model_cost(model, **kwargs)
+    assert model_cost(model, batch=2, height=16, width=16).attn > model_cost(model, batch=2).attn
