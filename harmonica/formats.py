@@ -39,6 +39,10 @@ HEADER_KEY = "harmonica"
 # bound is not ours, and reading it whole would only waste memory.
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_JSON_DEPTH = 32
+# Read once, while importing (os.umask can only be read by setting it): mkstemp creates files
+# readable by their owner only, and a router or schedule must get the permissions any new file gets.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class FileFormatError(ValueError):
@@ -116,6 +120,7 @@ def _replace(path: Path, payload: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())

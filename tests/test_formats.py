@@ -56,6 +56,19 @@ def test_write_round_trips_and_leaves_only_the_file(tmp_path):
     assert listing(tmp_path) == ["a.safetensors"]
 
 
+def test_written_files_get_the_permissions_of_any_new_file(tmp_path):
+    # mkstemp makes 0600 files; renamed as they are, routers would be unreadable by anyone else.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    Schedule.fora(4, 2).save(tmp_path / "s.safetensors")
+    write_text(tmp_path / "log.jsonl", "")
+    (tmp_path / "plain").write_text("")
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    assert (tmp_path / "s.safetensors").stat().st_mode & 0o777 == expected
+    assert (tmp_path / "log.jsonl").stat().st_mode & 0o777 == expected
+
+
 def test_write_creates_missing_folders(tmp_path):
     target = tmp_path / "new" / "deeper" / "s.safetensors"
     Schedule.fora(4, 2).save(target)
