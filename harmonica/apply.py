@@ -25,7 +25,7 @@ from torch import nn
 from .adapters import find_adapter, find_blocks
 from .cache import CacheRuntime, PerSamplePolicy, PerSampleSteps
 from .cache.install import BlockForward, ModelCallHooks, check_block, install_block, uninstall_block
-from .schedule import ModelCost, Schedule
+from .schedule import ModelCost, Schedule, check_sampler
 
 __all__ = ["enable_cache", "disable_cache", "get_cache_state", "per_sample", "model_cost"]
 
@@ -66,8 +66,8 @@ class _Installation:
             return
         if self.scheduler is not None:
             self.runtime.detach(self.scheduler)
+        self.runtime.attach(scheduler)  # may refuse the scheduler (check_sampler): then tried again next call
         self.scheduler = scheduler
-        self.runtime.attach(scheduler)
         if not self.runtime.clock.running:
             # Its set_timesteps for this run came before the swap was seen: this call begins the run.
             # (A clock already running follows the timestep until the new scheduler's next run.)
@@ -126,6 +126,8 @@ def enable_cache(target, schedule: Schedule, *, calls_per_step: int = 1) -> Cach
     facts = adapter.facts(transformer)
     schedule.check_compatible(num_blocks=facts.num_blocks, model_class=facts.model_class,
                               block_width=facts.block_width)
+    if pipe is not None and getattr(pipe, "scheduler", None) is not None:
+        check_sampler(schedule, pipe.scheduler)  # here, as attaching it below must not fail
     blocks = find_blocks(transformer)
     for block in blocks:
         check_block(block)

@@ -26,7 +26,7 @@ from .apply import model_cost
 from .schedule import Router, Schedule
 from .timing import best_times, cached, cached_copy
 
-__all__ = ["Row", "ComparisonTable", "compare", "main"]
+__all__ = ["Row", "ComparisonTable", "add_arguments", "compare", "main", "run"]
 
 COLUMNS = ("method", "steps", "fid_fmnist", "accuracy", "psnr", "ssim", "cur", "theoretical_speedup",
            "measured_speedup", "seconds")
@@ -184,23 +184,27 @@ def compare(
     return ComparisonTable(rows, settings)
 
 
-def main(argv=None) -> ComparisonTable:
-    p = argparse.ArgumentParser(prog="python -m harmonica.compare", description=__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=1000)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The comparison's options, shared by ``python -m harmonica.compare`` and ``harmonica evaluate``
+    (which checks their values and files before any work)."""
+    p.add_argument("--samples", type=int, default=1000, help="images per row (>= 2, for FID)")
     p.add_argument("--steps", type=int, default=None, help="default: the testbed's (20)")
     p.add_argument("--guidance", type=float, default=None, help="default: the testbed's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--timing-samples", type=int, default=None)
+    p.add_argument("--timing-samples", type=int, default=None, help="default: min(--batch-size, --samples)")
     p.add_argument("--timing-repeats", type=int, default=3)
-    p.add_argument("--fewer-steps", type=int, default=None)
+    p.add_argument("--fewer-steps", type=int, default=None,
+                   help="steps of the 'fewer steps' row (default: matched to the harmonica row's speedup)")
     p.add_argument("--router", action="append", default=[], metavar="NAME=PATH",
                    help="a router file; default: the bundled harmonica and l2c routers for the settings")
     p.add_argument("--no-delta-dit", action="store_true")
     p.add_argument("--dit-dir", default=None, help="an exported testbed DiT directory (default: the bundled one)")
     p.add_argument("--out", default=None, help="directory for table.md and table.json")
-    args = p.parse_args(argv)
 
+
+def run(args: argparse.Namespace, *, progress: bool = True) -> ComparisonTable:
+    """The comparison for parsed :func:`add_arguments` options."""
     from .testbed import DEFAULT_SAMPLER, DEFAULT_STEPS
     from .testbed.routers import available, load_router, load_testbed
 
@@ -219,7 +223,7 @@ def main(argv=None) -> ComparisonTable:
     table = compare(bed, routers=routers, num_samples=args.samples, steps=steps, guidance_scale=args.guidance,
                     seed=args.seed, batch_size=args.batch_size, fewer_steps=args.fewer_steps,
                     delta_dit=not args.no_delta_dit, timing_samples=args.timing_samples,
-                    timing_repeats=args.timing_repeats, progress=True)
+                    timing_repeats=args.timing_repeats, progress=progress)
     text = table.markdown()
     print(text)
     if args.out:
@@ -228,6 +232,12 @@ def main(argv=None) -> ComparisonTable:
         (out / "table.md").write_text(text)
         (out / "table.json").write_text(json.dumps(table.to_json(), indent=2, allow_nan=True) + "\n")
     return table
+
+
+def main(argv=None) -> ComparisonTable:
+    p = argparse.ArgumentParser(prog="python -m harmonica.compare", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from typing import Any, Mapping, Optional
 
 import torch
 
 from . import formats
 
-__all__ = ["BRANCHES", "ModelCost", "Router", "Schedule"]
+__all__ = ["BRANCHES", "DEFAULT_THRESHOLD", "ModelCost", "Router", "Schedule", "check_sampler", "sampler_grid"]
 
 BRANCHES = ("attn", "mlp")
 
@@ -173,6 +174,67 @@ class _Plan:
                    block_width=block_width)
 
 
+def sampler_grid(scheduler, num_steps: int) -> Optional[list[float]]:
+    """The timesteps at which ``scheduler`` evaluates the model in a run of ``num_steps`` steps.
+
+    Computed on a fresh scheduler built from ``scheduler.config``, so the caller's scheduler (maybe in
+    the middle of a run) is not touched. None for a scheduler that cannot be rebuilt from its config.
+    """
+    try:
+        # A side computation: what the scheduler would warn about here is not the caller's business.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = type(scheduler).from_config(scheduler.config)
+            fresh.set_timesteps(num_steps)
+        return [float(t) for t in fresh.timesteps.tolist()]
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def check_sampler(plan, scheduler) -> None:
+    """Whether ``plan`` (a Schedule or Router) was made for the sampler ``scheduler`` runs.
+
+    A plan learned on one sampler chose which steps to cache at that sampler's noise levels. When its
+    metadata records the timesteps it was trained at (``timesteps``, written by training) and
+    ``scheduler`` evaluates the model at others, this raises ValueError; when only the sampler family
+    (``sampler``) differs, it warns, once per plan and family. Plans that record neither (baselines,
+    hand-made masks) pass silently.
+    """
+    from .sampling import scheduler_name
+
+    metadata = plan.metadata
+    recorded, grid = metadata.get("sampler"), metadata.get("timesteps")
+    if recorded is None and grid is None:
+        return
+    what = "router" if isinstance(plan, Router) else "schedule"
+    name = scheduler_name(scheduler)
+    if grid is not None:
+        if not isinstance(grid, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in grid):
+            raise ValueError(f"{what} metadata 'timesteps' must be a list of numbers, got {grid!r}")
+        current = sampler_grid(scheduler, plan.num_steps)
+        same = current is not None and len(current) == len(grid) and all(
+            abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(current, grid))
+        if current is not None and not same:
+            raise ValueError(
+                f"{what} was trained at the timesteps of {recorded or 'another sampler'} ({_brief(grid)}) but "
+                f"{name} with {plan.num_steps} steps evaluates the model at {_brief(current)}; train a {what} for "
+                f"this scheduler, or to use it anyway drop its training record: harmonica.Schedule(schedule.mask)"
+            )
+    if recorded is not None and name != recorded:
+        if name not in plan._warned_samplers:
+            plan._warned_samplers.add(name)
+            warnings.warn(
+                f"this {what} was trained for the {recorded} sampler but runs with {name}: the steps it caches were "
+                f"chosen at {recorded}'s noise levels, so image quality may suffer; train a {what} for {name}",
+                UserWarning, stacklevel=3,
+            )
+
+
+def _brief(grid: list) -> str:
+    shown = ", ".join(f"{t:g}" for t in grid[:4])
+    return f"{len(grid)} timesteps {shown}{', ...' if len(grid) > 4 else ''}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelCost:
     """FLOPs of one model evaluation, split into what caching can and cannot skip.
@@ -222,7 +284,8 @@ class Schedule(_Plan):
     indices unless ``metadata["coords"]`` gives one number per step (e.g. the timesteps).
     """
 
-    __slots__ = ("_mask", "_orders", "_metadata")
+    # _warned_samplers: the sampler families check_sampler has warned about for this schedule.
+    __slots__ = ("_mask", "_orders", "_metadata", "_warned_samplers")
     _what = "schedule"
 
     def __init__(self, mask: torch.Tensor, *, orders: Optional[torch.Tensor] = None,
@@ -252,6 +315,7 @@ class Schedule(_Plan):
         self._orders = _checked_orders(orders, mask)
         self._metadata = _normalized_metadata(metadata, _SCHEDULE_KEYS, "Schedule")
         _check_coords(self._metadata.get("coords"), mask.shape[0])
+        self._warned_samplers: set[str] = set()
 
     # -- constructors ---------------------------------------------------------------------------
 
@@ -463,8 +527,8 @@ class Schedule(_Plan):
         if not bool(mask[0].all()):
             raise fail("step 0 of the mask is not all 1 (compute), but the cache is empty at step 0")
         recorded = document.get("cache_usage")
-        if isinstance(recorded, bool) or not isinstance(recorded, (int, float)):
-            raise fail(f"header cache_usage must be a number, got {recorded!r}")
+        if isinstance(recorded, bool) or not isinstance(recorded, (int, float)) or not 0 <= recorded <= 1:
+            raise fail(f"header cache_usage must be a number in [0, 1], got {recorded!r}")
         orders = tensors.get("order")
         if orders is not None and orders.dtype != torch.uint8:
             raise fail(f"tensor 'order' must be uint8 (forecast order per unit), got {orders.dtype}")
@@ -522,6 +586,7 @@ class Router(_Plan, torch.nn.Module):
         self.logits = torch.nn.Parameter(logits.detach().clone())
         # Mutable on purpose: training records its config and achieved CUR/speedup here.
         self.metadata = _normalized_metadata(metadata, _ROUTER_KEYS, "Router")
+        self._warned_samplers: set[str] = set()  # sampler families check_sampler has warned about
 
     @classmethod
     def init(
@@ -656,6 +721,11 @@ class Router(_Plan, torch.nn.Module):
         reserved = sorted(_STRUCTURAL_KEYS.intersection(self.metadata))
         if reserved:
             raise ValueError(f"cannot save router to {path}: metadata keys {reserved} are reserved; remove them")
+        # The logits are a trainable Parameter, so they can turn NaN after construction checked them;
+        # a file load() refuses must not be written.
+        if not bool(torch.isfinite(self.logits.detach()).all()):
+            raise ValueError(f"cannot save router to {path}: its logits contain NaN or infinite values (a diverged "
+                             f"training run?); retrain with a lower lr, or save a router with finite logits")
         formats.write(path, "router", {"logits": self.logits.detach().float()}, document)
 
     @classmethod

@@ -25,7 +25,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, patter
     assert pattern in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "sample", "plot", "bench"])
+@pytest.mark.parametrize("command", ["demo", "train", "sample", "evaluate", "plot", "bench"])
 def test_every_command_has_help(command):
     result = run(command, "--help")
     assert result.returncode == 0 and "usage: harmonica " + command in result.stdout
@@ -66,7 +66,15 @@ def test_schedule_for_another_model_is_refused(tmp_path):
     hc.Schedule.fora(10, 5).save(tmp_path / "ten_steps.safetensors")
     result = run("sample", "--schedule", str(tmp_path / "ten_steps.safetensors"), "--steps", "20", "--num-images", "2",
                  "--out", str(tmp_path / "out"))
-    assert_one_line_error(result, 2, "pass num_inference_steps=10")
+    assert_one_line_error(result, 2, "--steps 20 does not match --schedule")
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_an_unwritable_output_is_refused_by_the_executable_before_training(tmp_path):
+    # tests/test_frontdoor.py covers every option in-process; this is the real process end to end.
+    result = run("train", "--out", "/proc/harmonica/r.safetensors", "--iterations", "1")
+    assert_one_line_error(result, 2, "--out /proc/harmonica/r.safetensors cannot be written")
+    assert result.stdout == ""
 
 
 def test_demo_end_to_end(tmp_path):

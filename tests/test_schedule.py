@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harmonica.schedule import ModelCost, Router, Schedule
+from harmonica.schedule import ModelCost, Router, Schedule, check_sampler, sampler_grid
 
 # Odd sizes on purpose: off-by-one errors in step/block bookkeeping show up when T, L are not even.
 SIZES = [(1, 1), (2, 3), (7, 5), (10, 28), (13, 4)]
@@ -480,3 +480,110 @@ def test_router_save_rejects_bad_metadata(tmp_path):
     router.metadata = {"cur": math.inf}
     with pytest.raises(ValueError, match="not JSON-serialisable"):
         router.save(tmp_path / "r.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# finite values only
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_router_refuses_non_finite_logits(bad):
+    logits = torch.zeros(3, 2, 2)
+    logits[1, 0, 1] = bad
+    with pytest.raises(ValueError, match="logits must be finite"):
+        Router(logits)
+
+
+def test_router_save_refuses_logits_that_went_nan_after_construction(tmp_path):
+    router = Router.init(3, 2)
+    with torch.no_grad():
+        router.logits[2, 1, 0] = float("nan")  # what a diverged optimiser step does to the Parameter
+    with pytest.raises(ValueError, match=r"cannot save router to .*NaN or infinite.*diverged"):
+        router.save(tmp_path / "r.safetensors")
+    assert not (tmp_path / "r.safetensors").exists()
+
+
+@pytest.mark.parametrize("recorded", [float("nan"), float("inf"), 1.5, -0.25])
+def test_schedule_load_checks_a_cache_usage_that_is_not_a_fraction(tmp_path, recorded):
+    path = tmp_path / "s.safetensors"
+    Schedule.fora(6, 3).save(path)
+    rewrite(path, header={"cache_usage": recorded})  # json.dumps writes NaN/Infinity literals
+    with pytest.raises(ValueError, match=r"is not allowed|cache_usage must be a number in \[0, 1\]") as info:
+        Schedule.load(path)
+    assert str(path) in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampler families and step grids (check_sampler)
+
+
+def _ddim():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000)
+
+
+def _euler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(num_train_timesteps=1000)
+
+
+def test_sampler_grid_is_the_schedulers_timesteps_and_leaves_it_untouched():
+    scheduler = _ddim()
+    scheduler.set_timesteps(5)
+    before = scheduler.timesteps.clone()
+    assert sampler_grid(scheduler, 4) == [750.0, 500.0, 250.0, 0.0]
+    assert torch.equal(scheduler.timesteps, before)
+
+
+def test_a_plan_for_another_sampler_family_warns_once(recwarn):
+    schedule = Schedule(Schedule.fora(4, 2).mask, metadata={"sampler": "ddim"})
+    check_sampler(schedule, _ddim())
+    assert len(recwarn) == 0
+    with pytest.warns(UserWarning, match="trained for the ddim sampler but runs with euler"):
+        check_sampler(schedule, _euler())
+    check_sampler(schedule, _euler())  # once per plan and family
+    assert [str(w.message) for w in recwarn] == []
+    with pytest.warns(UserWarning):  # another plan warns for itself
+        check_sampler(Schedule(Schedule.fora(4, 2).mask, metadata={"sampler": "ddim"}), _euler())
+
+
+def test_a_plan_trained_at_other_timesteps_is_refused():
+    grid = sampler_grid(_ddim(), 4)
+    router = Router.init(4, 2, metadata={"sampler": "ddim", "timesteps": grid})
+    check_sampler(router, _ddim())
+    check_sampler(router.to_schedule(), _ddim())  # the schedule carries the record
+    with pytest.raises(ValueError, match=r"trained at the timesteps of ddim \(4 timesteps 750, 500, 250, 0\) but "
+                                         r"euler with 4 steps evaluates the model at"):
+        check_sampler(router.to_schedule(), _euler())
+    from diffusers import DDIMScheduler
+
+    trailing = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+    with pytest.raises(ValueError, match="drop its training record: harmonica.Schedule"):
+        check_sampler(router, trailing)  # same family, other grid
+    check_sampler(Schedule(router.to_schedule().mask), trailing)  # the documented way out
+
+
+def test_plans_without_a_record_pass_silently(recwarn):
+    check_sampler(Schedule.fora(4, 2), _euler())
+    check_sampler(Router.init(4, 2), _euler())
+    assert len(recwarn) == 0
+    with pytest.raises(ValueError, match="'timesteps' must be a list of numbers"):
+        check_sampler(Schedule(Schedule.fora(4, 2).mask, metadata={"timesteps": "ddim"}), _euler())
+
+
+@pytest.mark.parametrize("name, value", [("height", 0), ("width", -8), ("batch", 0), ("text_tokens", 0),
+                                         ("height", 16.0), ("batch", True)])
+def test_model_cost_refuses_sizes_that_are_not_positive_ints(name, value):
+    from diffusers import DiTTransformer2DModel
+
+    from harmonica import model_cost
+
+    with torch.device("meta"):  # only the structure is read
+        model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                      num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    kwargs = {"batch": 2, name: value}
+    with pytest.raises(ValueError, match=f"model_cost: {name} must be a positive int, got {value!r}"):
+        model_cost(model, **kwargs)
+    assert model_cost(model, batch=2, height=16, width=16).attn > model_cost(model, batch=2).attn

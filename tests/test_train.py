@@ -313,7 +313,7 @@ class Untouched:
     (dict(iepo_variant="both"), r"TrainConfig.iepo_variant"),
     (dict(target_cur=0.9), r"TrainConfig.target_cur: 0.9 is unreachable.*CUR 0.7500"),
     (dict(target_speedup=50.0), r"TrainConfig.target_speedup: 50.0 is unreachable"),
-    (dict(init_router=hc.Router.init(STEPS + 1, BLOCKS)), r"TrainConfig.init_router: incompatible router: router has 5 steps but the sampler runs 4"),
+    (dict(init_router=hc.Router.init(STEPS + 1, BLOCKS)), r"TrainConfig.init_router: .*router has 5 steps but the sampler runs 4"),
     (dict(init_router=hc.Router.init(STEPS, BLOCKS + 1)), r"TrainConfig.init_router: .*3 blocks but the model has 2"),
     (dict(method="l2c"), r"TrainConfig.l2c_latents: L2C trains on real data"),
     (dict(conditioning=None), r"TrainConfig.conditioning"),
@@ -350,6 +350,122 @@ def test_resume_from_another_models_checkpoint_fails_before_any_work(tmp_path):
     assert guard.calls == 0
 
 
+@pytest.mark.parametrize("conditioning, match", [
+    (ClassConditioning(1000, 1000), r"ClassConditioning.num_classes=1000 but DiTTransformer2DModel has 10 classes; "
+                                    r"pass num_classes <= 10"),
+    (ClassConditioning(NUM_CLASSES, 3), r"ClassConditioning.null_class=3 is wrong: the model's unconditional label is 10; pass null_class=10"),
+])
+def test_class_conditioning_is_checked_against_the_model(conditioning, match):
+    model = make_dit()
+    guard = Untouched(model)
+    with pytest.raises(ValueError, match="TrainConfig.conditioning: " + match):
+        train_router(model, ddim(), config(conditioning=conditioning))
+    assert guard.calls == 0
+
+
+def test_prompt_embeddings_of_the_wrong_width_fail_before_any_work():
+    cond = PromptConditioning(embeds=torch.randn(3, 5, 7), negative_embeds=torch.randn(5, 7))
+    model = make_pixart()
+    guard = Untouched(model)
+    with pytest.raises(ValueError, match=r"PromptConditioning.embeds have width 7 but PixArtTransformer2DModel expects "
+                                         r"text-encoder outputs of width 12 \(caption_channels\)"):
+        train_router(model, ddim(), config(conditioning=cond))
+    assert guard.calls == 0
+
+
+@pytest.mark.parametrize("field", ["embeds", "negative_embeds"])
+def test_non_finite_prompt_embeddings_are_refused_at_construction(field):
+    values = {"embeds": torch.randn(3, 5, 12), "negative_embeds": torch.randn(5, 12)}
+    values[field][0, 1] = float("inf") if field == "embeds" else float("nan")
+    with pytest.raises(ValueError, match=f"PromptConditioning.{field} contains NaN or infinite values"):
+        PromptConditioning(**values)
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(num_steps=1), r"TrainConfig.num_steps: must be >= 2"),
+    (dict(guidance_scale=float("nan")), r"TrainConfig.guidance_scale: must be a finite number >= 0.0, got nan"),
+    (dict(guidance_scale=-1), r"TrainConfig.guidance_scale"),
+    (dict(threshold=float("nan")), r"TrainConfig.threshold: must be in \(0, 1\)"),
+    (dict(target_cur=0.3, target_speedup=1.5), r"TrainConfig.target_speedup: pass at most one"),
+    (dict(target_speedup=0.9), r"TrainConfig.target_speedup: must be a finite number > 1.0"),
+    (dict(seed=-1), r"TrainConfig.seed: must be an int >= 0"),
+    (dict(latent_size=0), r"TrainConfig.latent_size: must be an int >= 1"),
+    (dict(conditioning=ClassConditioning(NUM_CLASSES, NUM_CLASSES), init_router="r.safetensors"),
+     r"TrainConfig.init_router: must be a harmonica Router, got str"),
+    (dict(method="l2c", l2c_latents=torch.full((2, 4, 8, 8), float("nan"))), r"TrainConfig.l2c_latents: contains NaN"),
+    (dict(method="l2c", l2c_latents=torch.zeros(2, 4, 8, 8), l2c_choices=torch.tensor([0, 10]),
+          conditioning=ClassConditioning(NUM_CLASSES, NUM_CLASSES)), r"TrainConfig.l2c_choices: values must lie in \[0, 10\)"),
+])
+def test_train_config_checks_its_fields_at_construction(fields, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**fields)
+
+
+def test_class_conditioning_checks_itself_at_construction():
+    with pytest.raises(ValueError, match="ClassConditioning.null_class must be an int >= 0, got -1"):
+        ClassConditioning(10, -1)
+    with pytest.raises(ValueError, match="ClassConditioning.num_classes must be >= 1"):
+        ClassConditioning(0, 0)
+
+
+def test_l2c_latents_of_another_shape_than_the_model_takes_fail_before_any_work():
+    model = make_dit()
+    guard = Untouched(model)
+    with pytest.raises(ValueError, match=r"TrainConfig.l2c_latents: samples have shape \(3, 8, 8\) but "
+                                         r"DiTTransformer2DModel takes \(4, 8, 8\)"):
+        train_router(model, ddim(), config(method="l2c", l2c_latents=torch.zeros(6, 3, 8, 8)))
+    assert guard.calls == 0
+
+
+@pytest.mark.parametrize("where", ["checkpoint_dir", "log_file"])
+def test_unwritable_outputs_fail_before_any_work(tmp_path, where):
+    (tmp_path / "afile").write_text("x")
+    model = make_dit()
+    guard = Untouched(model)
+    target = str(tmp_path / "afile" / "inside")
+    with pytest.raises(ValueError, match=f"TrainConfig.{where}: .*afile is a file, not a folder"):
+        train_router(model, ddim(), config(**{where: target}))
+    assert guard.calls == 0 and os.listdir(tmp_path) == ["afile"]
+
+
+def test_a_damaged_checkpoint_is_refused_before_any_work(tmp_path):
+    from harmonica import formats
+
+    formats.write(tmp_path / "checkpoint.safetensors", "train_checkpoint", {"logits": torch.zeros(STEPS, BLOCKS, 2)},
+                  {"iteration": 0, "beta": float(0)})
+    model = make_dit()
+    guard = Untouched(model)
+    with pytest.raises(ValueError, match=r"checkpoint .* is damaged \(tensor 'lambda' is missing; iteration must be an "
+                                         r"int >= 1, got 0; lambda_refreshes"):
+        train_router(model, ddim(), config(checkpoint_dir=str(tmp_path), resume=True))
+    assert guard.calls == 0
+
+
+def test_the_router_records_its_sampler_grid_and_refuses_another(recwarn):
+    model = make_dit()
+    router = train_router(model, ddim(), config())
+    assert router.metadata["sampler"] == "ddim"
+    assert router.metadata["timesteps"] == [750.0, 500.0, 250.0, 0.0]
+    labels = torch.arange(2)
+    kwargs = dict(num_inference_steps=STEPS, cond={"class_labels": labels},
+                  uncond={"class_labels": torch.full_like(labels, NUM_CLASSES)}, guidance_scale=1.5, progress=False)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hc.enable_cache(model, router.to_schedule())
+    try:
+        sample(model, ddim(), latents, **kwargs)
+        assert len(recwarn) == 0
+        with pytest.raises(ValueError, match="trained at the timesteps of ddim"):
+            sample(model, DPMSolverMultistepScheduler(algorithm_type="dpmsolver++"), latents, **kwargs)
+    finally:
+        hc.disable_cache(model)
+
+
+def test_an_initial_router_for_another_sampler_warns():
+    init = hc.Router.init(STEPS, BLOCKS, metadata={"sampler": "euler"})
+    with pytest.warns(UserWarning, match="trained for the euler sampler but runs with ddim"):
+        train_router(make_dit(), ddim(), config(init_router=init))
+
+
 # ---------------------------------------------------------------------------------------------- resume
 
 
@@ -379,6 +495,55 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, method):
         assert {"logits", "lambda", "adam.exp_avg", "adam.exp_avg_sq", "adam.step"} <= set(f.keys())
         header = json.loads(f.metadata()["harmonica"])
         assert header["kind"] == "train_checkpoint" and header["iteration"] == 5
+
+
+class FailingRename:
+    """os.replace that fails on its ``n``-th call: a crash between writing a checkpoint and renaming it."""
+
+    def __init__(self, n):
+        self.n, self.calls, self.real = n, 0, os.replace
+
+    def __call__(self, src, dst):
+        self.calls += 1
+        if self.calls == self.n:
+            raise OSError(5, "Input/output error")
+        self.real(src, dst)
+
+
+def test_a_checkpoint_write_failing_before_its_rename_leaves_the_previous_one(tmp_path, monkeypatch):
+    from harmonica import formats
+    from harmonica.train import checkpoint
+
+    monkeypatch.setattr(formats.os, "replace", FailingRename(2))
+    with pytest.raises(OSError, match="Input/output error"):
+        train_router(make_dit(), ddim(), config(iterations=3, checkpoint_every=1, checkpoint_dir=str(tmp_path)))
+    assert os.listdir(tmp_path) == ["checkpoint.safetensors"]  # no temporary file left behind
+    tensors, document = checkpoint.load(tmp_path)
+    assert document["iteration"] == 1
+    monkeypatch.undo()
+    resumed = train_router(make_dit(), ddim(), config(iterations=3, checkpoint_every=1, checkpoint_dir=str(tmp_path),
+                                                      resume=True))
+    assert resumed.metadata["optimizer_updates"] == 3 * (STEPS - 1)
+
+
+def test_a_resumed_log_continues_without_duplicates(tmp_path):
+    log = tmp_path / "train.jsonl"
+    kw = dict(iterations=5, checkpoint_every=2, checkpoint_dir=str(tmp_path / "ckpt"), log_file=str(log))
+
+    def kill_after_3(info):
+        if info["iteration"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_router(make_dit(), ddim(), config(**kw), callback=kill_after_3)
+    with open(log, "a") as f:
+        f.write('{"iteration": 4, "lo')  # a line cut short by the kill
+    assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()[:-1]] == [1, 2, 3]
+    train_router(make_dit(), ddim(), config(resume=True, **kw))  # from the checkpoint of iteration 2
+    assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    # A new run (no resume) starts the log afresh.
+    train_router(make_dit(), ddim(), config(iterations=2, log_file=str(log)))
+    assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2]
 
 
 def test_log_file_and_router_file_round_trip(tmp_path):

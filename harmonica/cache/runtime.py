@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..schedule import Schedule
+from ..schedule import Schedule, check_sampler
 from .clock import SchedulerTap, StepClock
 from .policies import BranchFn, BranchPolicy, PerSamplePolicy, PlanPolicy, RowIndices
 from .slots import SlotStore
@@ -63,6 +63,7 @@ class CacheRuntime:
 
     def attach(self, scheduler) -> None:
         """Let ``scheduler`` drive the step clock (``set_timesteps`` begins a run, ``step`` ends a step)."""
+        check_sampler(self.schedule, scheduler)  # before the tap: a refused scheduler is left as it was
         SchedulerTap.attach(scheduler, self.clock)
 
     def detach(self, scheduler) -> None:

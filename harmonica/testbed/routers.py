@@ -61,10 +61,16 @@ def load_testbed(dit_dir: Optional[str] = None) -> Testbed:
     return load(dit_dir=dit_dir)
 
 
+# The training settings of the testbed's routers beyond TrainConfig's defaults, shared with
+# `harmonica train` on the testbed so that both train (and resume) the same run.
+RECIPE = {"beta": 1e-3, "iepo_refresh": 10}
+
+
 def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, iterations: int,
-          batch_size: int = 8, target_speedup: Optional[float] = None, beta: float = 1e-3,
+          batch_size: int = 8, target_speedup: Optional[float] = None, beta: float = RECIPE["beta"],
           lr: Optional[float] = None,
-          iepo_refresh: int = 10, seed: int = 0, dit_dir: Optional[str] = None, out: Optional[Path] = None,
+          iepo_refresh: int = RECIPE["iepo_refresh"], seed: int = 0, dit_dir: Optional[str] = None,
+          out: Optional[Path] = None,
           checkpoint_dir: Optional[str] = None, resume: bool = False, log_file: Optional[str] = None) -> Router:
     from ..train import ClassConditioning, TrainConfig, train_router
 

@@ -8,6 +8,6 @@
 """
 
 from .config import ClassConditioning, PromptConditioning, TrainConfig
-from .trainer import train_router
+from .trainer import check_training, train_router
 
-__all__ = ["ClassConditioning", "PromptConditioning", "TrainConfig", "train_router"]
+__all__ = ["ClassConditioning", "PromptConditioning", "TrainConfig", "check_training", "train_router"]

@@ -7,6 +7,7 @@ harmonica.train.distributed), so resuming reproduces the uninterrupted run bit f
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,26 @@ def save(directory, *, logits: torch.Tensor, optimizer: torch.optim.Optimizer, l
 
 def load(directory) -> tuple[dict[str, torch.Tensor], dict]:
     path = path_in(directory)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise FileNotFoundError(
             f"TrainConfig.resume: no checkpoint at {path}; the interrupted run writes one every "
             f"checkpoint_every iterations - set resume=False to start a new run"
         )
-    return formats.read(path, KIND, loader="TrainConfig.resume")
+    tensors, document = formats.read(path, KIND, loader="TrainConfig.resume")
+    # Checked here, so that a damaged checkpoint is refused before any work, not by a KeyError in the loop.
+    problems = [f"tensor {name!r} is missing" for name in ("logits", "lambda") if name not in tensors]
+    for key, low in (("iteration", 1), ("lambda_refreshes", 0), ("updates", 0)):
+        value = document.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"{key} must be an int >= {low}, got {value!r}")
+    for key, positive in (("beta", True), ("wall_time_s", False)):
+        value = document.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
+            problems.append(f"{key} must be a number {'>' if positive else '>='} 0, got {value!r}")
+    if problems:
+        raise formats.FileFormatError(f"TrainConfig.resume: the checkpoint {path} is damaged ({'; '.join(problems)}); "
+                                      f"resume from another checkpoint_dir or start a new run (resume=False)")
+    return tensors, document
 
 
 def check_resumable(document: dict, expected: dict, path) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from .. import formats
 from ..adapters import ModelFacts
 from ..schedule import DEFAULT_THRESHOLD, MAX_ORDER, ModelCost, Router, Schedule
 
@@ -44,13 +45,16 @@ class ClassConditioning:
     def describe(self) -> dict:
         return {"kind": "class", "num_classes": self.num_classes, "null_class": self.null_class}
 
+    def __post_init__(self):
+        self.check()
+
     def check(self) -> None:
         for name in ("num_classes", "null_class"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ClassConditioning.{name} must be an int >= 0, got {value!r}")
         if self.num_classes < 1:
-            raise ValueError("ClassConditioning.num_classes must be >= 1")
+            raise ValueError("ClassConditioning.num_classes must be >= 1, got 0")
 
 
 @dataclasses.dataclass
@@ -99,6 +103,9 @@ class PromptConditioning:
         return {"kind": "prompts", "num_prompts": int(self.embeds.shape[0]), "tokens": int(self.embeds.shape[1]),
                 "dim": int(self.embeds.shape[2])}
 
+    def __post_init__(self):
+        self.check()
+
     def check(self) -> None:
         if not isinstance(self.embeds, torch.Tensor) or self.embeds.dim() != 3 or self.embeds.shape[0] < 1:
             raise ValueError(
@@ -115,6 +122,13 @@ class PromptConditioning:
             )
         if self.negative_mask is not None and tuple(self.negative_mask.shape) != (s,):
             raise ValueError(f"PromptConditioning.negative_mask must have shape {(s,)}, got {tuple(self.negative_mask.shape)}")
+        # A NaN here makes every student and teacher output NaN; training would then end with NaN
+        # router logits and be reported as a diverged router instead of bad inputs.
+        for name in ("embeds", "negative_embeds"):
+            value = getattr(self, name)
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"PromptConditioning.{name} contains NaN or infinite values; check the text "
+                                 f"encoder's outputs (e.g. a float16 overflow) before training")
 
 
 Conditioning = Union[ClassConditioning, PromptConditioning]
@@ -148,6 +162,11 @@ class TrainConfig:
     l2c_latents:   (N, C, H, W) clean model-space inputs for L2C; l2c_choices (N,) their labels /
                    prompt indices (None = random conditioning).
     checkpoint_every: iterations between checkpoints (0 = only the final one) in checkpoint_dir.
+    log_file:      one JSON line per iteration. A new run starts the file afresh; a resumed run keeps
+                   the lines up to its checkpoint's iteration and continues after them.
+
+    The fields are checked at construction (:func:`check_fields`); what depends on the model, the
+    sampler and the file system (output locations) is checked by ``train_router`` before any work.
     """
 
     method: str = "harmonica"
@@ -178,6 +197,9 @@ class TrainConfig:
     resume: bool = False
     log_file: Optional[str] = None
     progress: bool = True
+
+    def __post_init__(self):
+        check_fields(self)
 
     @property
     def learning_rate(self) -> float:
@@ -225,16 +247,80 @@ def max_reachable(num_steps: int, num_blocks: int, cost: ModelCost) -> tuple[flo
     return everything.cache_usage, everything.theoretical_speedup(cost)
 
 
+def check_fields(config: TrainConfig) -> None:
+    """Raise ValueError naming the first bad field and the fix, from the fields alone (no model, no
+    files). Run at construction, and again by :func:`validate` since fields can be reassigned."""
+    if config.method not in METHODS:
+        raise _fail("method", f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    for name in ("num_steps", "batch_size", "iterations", "iepo_refresh"):
+        _positive_int(config, name)
+    if config.num_steps < 2:
+        raise _fail("num_steps", f"must be >= 2 (step 0 always computes, so 1 step leaves nothing to learn), "
+                                 f"got {config.num_steps}")
+    _positive_int(config, "checkpoint_every", allow_zero=True)
+    if config.latent_size is not None:
+        _positive_int(config, "latent_size")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise _fail("seed", f"must be an int >= 0, got {config.seed!r}")
+    _number(config, "guidance_scale", low=0.0, strict=False)
+    _number(config, "lr", low=0.0, strict=True, optional=True)
+    _number(config, "weight_decay", low=0.0, strict=False)
+    _number(config, "beta", low=0.0, strict=True)
+    _number(config, "beta_adapt_rate", low=0.0, strict=False)
+    _number(config, "clamp", low=0.0, strict=True)
+    _number(config, "init_std", low=0.0, strict=False)
+    _number(config, "target_cur", low=0.0, strict=True, optional=True)
+    _number(config, "target_speedup", low=1.0, strict=True, optional=True)
+    if config.target_speedup is not None and config.target_cur is not None:
+        raise _fail("target_speedup", "pass at most one of target_speedup and target_cur")
+    threshold = config.threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise _fail("threshold", f"must be in (0, 1) (compute iff weight > threshold), got {threshold!r}")
+    if config.iepo_variant not in IEPO_VARIANTS:
+        raise _fail("iepo_variant", f"unknown variant {config.iepo_variant!r}; choose one of "
+                                    f"{', '.join(IEPO_VARIANTS)}")
+    order = config.forecast_order
+    if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER:
+        raise _fail("forecast_order", f"must be an int in [0, {MAX_ORDER}] (0 = reuse), got {order!r}")
+
+    cond = config.conditioning
+    if cond is not None:
+        if not isinstance(cond, (ClassConditioning, PromptConditioning)):
+            raise _fail("conditioning", f"must be ClassConditioning(num_classes, null_class) for DiT or "
+                                        f"PromptConditioning(embeds, ...) for PixArt, got {type(cond).__name__}")
+        cond.check()
+    if config.init_router is not None and not isinstance(config.init_router, Router):
+        raise _fail("init_router", f"must be a harmonica Router, got {type(config.init_router).__name__}")
+    if config.method == "l2c":
+        x = config.l2c_latents
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] < 1:
+            raise _fail("l2c_latents", "L2C trains on real data: pass clean model-space inputs (N, C, H, W) "
+                                       "(for the testbed: harmonica.testbed.data.load_tensors('train')[0])")
+        if not bool(torch.isfinite(x).all()):
+            raise _fail("l2c_latents", "contains NaN or infinite values; pass clean, finite model-space inputs")
+        c = config.l2c_choices
+        if c is not None:
+            if not isinstance(c, torch.Tensor) or tuple(c.shape) != (x.shape[0],) or c.dtype != torch.long:
+                raise _fail("l2c_choices", f"must be an int64 tensor of shape ({x.shape[0]},) (labels / prompt "
+                                           f"indices of l2c_latents), got {getattr(c, 'shape', c)!r}")
+            if cond is not None and (int(c.min()) < 0 or int(c.max()) >= cond.num_choices):
+                raise _fail("l2c_choices", f"values must lie in [0, {cond.num_choices}), got {int(c.min())}.."
+                                           f"{int(c.max())}")
+    if config.resume and not config.checkpoint_dir:
+        raise _fail("resume", "resume=True needs checkpoint_dir (where the interrupted run wrote its checkpoints)")
+
+
 def validate(config: TrainConfig, *, sampler: str, facts: ModelFacts, cost_fn: Callable[[], ModelCost]) -> ModelCost:
     """Raise ValueError naming the first bad field and the fix; does no model work.
 
-    Returns the model's cost from ``cost_fn`` (called once the fields it depends on are known good)."""
+    Checks the fields (:func:`check_fields`), then everything that depends on the model (``facts``)
+    and the sampler, then that the output locations can be written. Returns the model's cost from
+    ``cost_fn`` (called once the fields it depends on are known good)."""
     from ..sampling import SCHEDULERS
 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a harmonica TrainConfig, got {type(config).__name__}")
-    if config.method not in METHODS:
-        raise _fail("method", f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    check_fields(config)
     if sampler not in SCHEDULERS:
         raise ValueError(
             f"scheduler {sampler} is not supported for router training; use one of {', '.join(SCHEDULERS)} "
@@ -245,34 +331,11 @@ def validate(config: TrainConfig, *, sampler: str, facts: ModelFacts, cost_fn: C
             f"L2C training supports the DDIM scheduler only (its one-step cache fill needs a stateless "
             f"sampler step), got {sampler}; pass a DDIMScheduler or use method='harmonica'"
         )
-    for name in ("num_steps", "batch_size", "iterations", "iepo_refresh"):
-        _positive_int(config, name)
-    if config.num_steps < 2:
-        raise _fail("num_steps", f"must be >= 2 (step 0 always computes, so 1 step leaves nothing to learn), "
-                                 f"got {config.num_steps}")
-    _positive_int(config, "checkpoint_every", allow_zero=True)
-    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
-        raise _fail("seed", f"must be an int >= 0, got {config.seed!r}")
-    _number(config, "guidance_scale", low=0.0, strict=False)
-    _number(config, "lr", low=0.0, strict=True, optional=True)
-    _number(config, "weight_decay", low=0.0, strict=False)
-    _number(config, "beta", low=0.0, strict=True)
-    _number(config, "beta_adapt_rate", low=0.0, strict=False)
-    _number(config, "clamp", low=0.0, strict=True)
-    _number(config, "init_std", low=0.0, strict=False)
-    if not (isinstance(config.threshold, (int, float)) and 0 < config.threshold < 1):
-        raise _fail("threshold", f"must be in (0, 1) (compute iff weight > threshold), got {config.threshold!r}")
-    if isinstance(config.forecast_order, bool) or not isinstance(config.forecast_order, int) or not (
-            0 <= config.forecast_order <= MAX_ORDER):
-        raise _fail("forecast_order", f"must be an int in [0, {MAX_ORDER}] (0 = reuse), got {config.forecast_order!r}")
-    if config.iepo_variant not in IEPO_VARIANTS:
-        raise _fail("iepo_variant", f"unknown variant {config.iepo_variant!r}; choose one of {', '.join(IEPO_VARIANTS)}")
 
     cond = config.conditioning
-    if not isinstance(cond, (ClassConditioning, PromptConditioning)):
-        raise _fail("conditioning", f"must be ClassConditioning(num_classes, null_class) for DiT or "
-                                    f"PromptConditioning(embeds, ...) for PixArt, got {type(cond).__name__}")
-    cond.check()
+    if cond is None:
+        raise _fail("conditioning", "is required: ClassConditioning(num_classes, null_class) for DiT or "
+                                    "PromptConditioning(embeds, ...) for PixArt")
     model_class, num_blocks = facts.model_class, facts.num_blocks
     if facts.conditioning == "text" and not isinstance(cond, PromptConditioning):
         raise _fail("conditioning", f"{model_class} is text-conditioned; pass PromptConditioning(embeds, mask, ...)")
@@ -293,44 +356,36 @@ def validate(config: TrainConfig, *, sampler: str, facts: ModelFacts, cost_fn: C
         raise _fail("conditioning", "guidance_scale != 1 needs PromptConditioning.negative_embeds (the encoded "
                                     "negative prompt); pass it or set guidance_scale=1")
 
-    if config.target_speedup is not None and config.target_cur is not None:
-        raise _fail("target_speedup", "pass at most one of target_speedup and target_cur")
     cost = cost_fn()
     max_cur, max_speedup = max_reachable(config.num_steps, num_blocks, cost)
-    if config.target_cur is not None:
-        _number(config, "target_cur", low=0.0, strict=True)
-        if config.target_cur > max_cur:
-            raise _fail("target_cur", f"{config.target_cur} is unreachable: caching every unit of steps "
-                                      f"1..{config.num_steps - 1} gives CUR {max_cur:.4f} at T={config.num_steps}; "
-                                      f"lower the target or raise num_steps")
-    if config.target_speedup is not None:
-        _number(config, "target_speedup", low=1.0, strict=True)
-        if config.target_speedup > max_speedup:
-            raise _fail("target_speedup", f"{config.target_speedup} is unreachable: caching every unit of steps "
-                                          f"1..{config.num_steps - 1} gives a theoretical speedup of "
-                                          f"{max_speedup:.4f} for this model (T={config.num_steps}, L={num_blocks}); "
-                                          f"lower the target")
+    if config.target_cur is not None and config.target_cur > max_cur:
+        raise _fail("target_cur", f"{config.target_cur} is unreachable: caching every unit of steps "
+                                  f"1..{config.num_steps - 1} gives CUR {max_cur:.4f} at T={config.num_steps}; "
+                                  f"lower the target or raise num_steps")
+    if config.target_speedup is not None and config.target_speedup > max_speedup:
+        raise _fail("target_speedup", f"{config.target_speedup} is unreachable: caching every unit of steps "
+                                      f"1..{config.num_steps - 1} gives a theoretical speedup of "
+                                      f"{max_speedup:.4f} for this model (T={config.num_steps}, L={num_blocks}); "
+                                      f"lower the target")
 
     if config.init_router is not None:
-        r = config.init_router
-        if not isinstance(r, Router):
-            raise _fail("init_router", f"must be a harmonica Router, got {type(r).__name__}")
-        _check_router_fits(r, "init_router", config.num_steps, facts)
+        _check_router_fits(config.init_router, "init_router", config.num_steps, facts)
 
     if config.method == "l2c":
-        x = config.l2c_latents
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] < 1:
-            raise _fail("l2c_latents", "L2C trains on real data: pass clean model-space inputs (N, C, H, W) "
-                                       "(for the testbed: harmonica.testbed.data.load_tensors('train')[0])")
-        c = config.l2c_choices
-        if c is not None:
-            if not isinstance(c, torch.Tensor) or tuple(c.shape) != (x.shape[0],) or c.dtype != torch.long:
-                raise _fail("l2c_choices", f"must be an int64 tensor of shape ({x.shape[0]},) (labels / prompt "
-                                           f"indices of l2c_latents), got {getattr(c, 'shape', c)!r}")
-            if int(c.min()) < 0 or int(c.max()) >= cond.num_choices:
-                raise _fail("l2c_choices", f"values must lie in [0, {cond.num_choices})")
-    if config.resume and not config.checkpoint_dir:
-        raise _fail("resume", "resume=True needs checkpoint_dir (where the interrupted run wrote its checkpoints)")
+        size = config.latent_size or facts.sample_size
+        expected_shape = (facts.in_channels, size, size)
+        if tuple(config.l2c_latents.shape[1:]) != expected_shape:
+            raise _fail("l2c_latents", f"samples have shape {tuple(config.l2c_latents.shape[1:])} but {model_class} "
+                                       f"takes {expected_shape} (in_channels, latent_size, latent_size); pass "
+                                       f"latents of that shape")
+
+    # Last, so a run that would fail on its outputs fails here and not after training.
+    if config.checkpoint_dir:
+        from .checkpoint import path_in
+
+        formats.check_writable(path_in(config.checkpoint_dir), "TrainConfig.checkpoint_dir: the checkpoint")
+    if config.log_file:
+        formats.check_writable(config.log_file, "TrainConfig.log_file:")
     return cost
 
 

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import time
 from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from ..adapters import model_facts
+from .. import formats
+from ..adapters import ModelFacts, model_facts
 from ..apply import disable_cache, enable_cache, get_cache_state, model_cost
 from ..sampling import scheduler_name
-from ..schedule import ModelCost, Router, Schedule
+from ..schedule import ModelCost, Router, Schedule, check_sampler, sampler_grid
 from . import checkpoint, iepo, l2c, sdt
 from .config import TrainConfig, _check_router_fits, validate
 from .context import Run
 from .distributed import World, broadcast_, current_world, seeded
 
-__all__ = ["train_router"]
+__all__ = ["Checked", "check_training", "train_router"]
 
 
 def _cost(transformer, config: TrainConfig, size: int) -> ModelCost:
@@ -64,6 +67,47 @@ def adapt_beta(beta: float, config: TrainConfig, cur: float, speedup: float, upd
     return beta * math.exp(step)
 
 
+@dataclasses.dataclass
+class Checked:
+    """What :func:`check_training` established, for the run that follows."""
+
+    facts: ModelFacts
+    sampler: str
+    latent_size: int
+    cost: ModelCost
+    expected: dict  # what a checkpoint of this run records about it (compared on resume)
+    resumed: Optional[tuple[dict, dict]]  # (tensors, document) of the checkpoint to resume from
+
+
+def check_training(transformer: torch.nn.Module, scheduler, config: TrainConfig) -> Checked:
+    """Everything :func:`train_router` checks before it starts, and nothing else: the config against the
+    model and sampler, the output locations, the checkpoint to resume from, an initial router's sampler.
+
+    Reads only the model's structure, so ``transformer`` may live on the meta device (built from its
+    config without weights): the command line checks a run this way before it loads any weights.
+    """
+    world = current_world()
+    facts = model_facts(transformer)
+    sampler = scheduler_name(scheduler)
+    size = config.latent_size or facts.sample_size
+    cost = validate(config, sampler=sampler, facts=facts, cost_fn=lambda: _cost(transformer, config, size))
+    if get_cache_state(transformer) is not None:
+        raise RuntimeError("caching is enabled on this transformer; call harmonica.disable_cache before training")
+    model_doc = {"model_class": facts.model_class, "num_blocks": facts.num_blocks, "block_width": facts.block_width,
+                 "num_steps": config.num_steps}
+    expected = {"model": model_doc, "sampler": sampler, "global_batch": config.batch_size * world.size,
+                "config": {**config.to_json(), "world_size": world.size}}
+    resumed = None
+    if config.resume:
+        tensors, document = checkpoint.load(config.checkpoint_dir)
+        checkpoint.check_resumable(document, expected, checkpoint.path_in(config.checkpoint_dir))
+        _check_router_fits(Router(tensors["logits"]), "resume", config.num_steps, facts)
+        resumed = (tensors, document)
+    if config.init_router is not None:
+        check_sampler(config.init_router, scheduler)
+    return Checked(facts, sampler, size, cost, expected, resumed)
+
+
 def train_router(transformer: torch.nn.Module, scheduler, config: TrainConfig,
                  *, callback: Optional[Callable[[dict], None]] = None) -> Router:
     """Train a caching router for ``transformer`` sampled with ``scheduler`` (a diffusers scheduler).
@@ -74,28 +118,16 @@ def train_router(transformer: torch.nn.Module, scheduler, config: TrainConfig,
 
     ``callback(info)`` is called after every iteration (and after its checkpoint) with the iteration's
     statistics; an exception it raises stops training (the checkpoint stays for ``resume=True``).
-    Returns the trained :class:`~harmonica.Router`; its ``metadata`` records the config, the final
-    threshold (``router.to_schedule()`` uses it), achieved CUR and speedup.
+    Returns the trained :class:`~harmonica.Router`; its ``metadata`` records the config, the sampler
+    and its timesteps, the final threshold (``router.to_schedule()`` uses it), achieved CUR and speedup.
+    Everything is checked (:func:`check_training`) before the first model call.
     """
     started = time.perf_counter()
     world = current_world()
-    facts = model_facts(transformer)
-    sampler = scheduler_name(scheduler)
-    size = config.latent_size or transformer.config.sample_size
-    cost = validate(config, sampler=sampler, facts=facts, cost_fn=lambda: _cost(transformer, config, size))
-    if get_cache_state(transformer) is not None:
-        raise RuntimeError("caching is enabled on this transformer; call harmonica.disable_cache before training")
-
+    checked = check_training(transformer, scheduler, config)
+    facts, sampler, size, cost = checked.facts, checked.sampler, checked.latent_size, checked.cost
+    expected = checked.expected
     T, L = config.num_steps, facts.num_blocks
-    model_doc = {"model_class": facts.model_class, "num_blocks": facts.num_blocks, "block_width": facts.block_width}
-    model_doc["num_steps"] = T
-    expected = {"model": model_doc, "sampler": sampler, "global_batch": config.batch_size * world.size,
-                "config": {**config.to_json(), "world_size": world.size}}
-    resumed = None
-    if config.resume:
-        tensors, document = checkpoint.load(config.checkpoint_dir)
-        checkpoint.check_resumable(document, expected, checkpoint.path_in(config.checkpoint_dir))
-        resumed = (tensors, document)
 
     param = next(transformer.parameters())
     device, dtype = param.device, param.dtype
@@ -107,9 +139,8 @@ def train_router(transformer: torch.nn.Module, scheduler, config: TrainConfig,
     optimizer = torch.optim.AdamW([router.logits], lr=config.learning_rate, weight_decay=config.weight_decay)
     lam = torch.ones(T, device=device)
     beta, start, previous_wall, refreshes, updates = config.beta, 0, 0.0, 0, 0
-    if resumed is not None:
-        tensors, document = resumed
-        _check_router_fits(Router(tensors["logits"]), "resume", T, facts)
+    if checked.resumed is not None:
+        tensors, document = checked.resumed
         with torch.no_grad():
             router.logits.copy_(tensors["logits"].to(device))
         checkpoint.restore_optimizer(optimizer, tensors)
@@ -128,7 +159,7 @@ def train_router(transformer: torch.nn.Module, scheduler, config: TrainConfig,
     run = Run(transformer=transformer, scheduler=scheduler, runtime=runtime, router=router, optimizer=optimizer,
               config=config, world=world, latent_shape=(channels, size, size), device=device, dtype=dtype,
               beta=beta, lam=lam, updates=updates, lambda_refreshes=refreshes)
-    log = open(config.log_file, "a") if config.log_file and world.is_main else None
+    log = _open_log(config.log_file, start if checked.resumed else None) if config.log_file and world.is_main else None
     bar = tqdm(total=config.iterations, initial=start, desc=f"train {config.method}",
                disable=not (config.progress and world.is_main))
     stats = {}
@@ -181,6 +212,24 @@ def train_router(transformer: torch.nn.Module, scheduler, config: TrainConfig,
                    wall=previous_wall + time.perf_counter() - started)
 
 
+def _open_log(path, resumed_at: Optional[int]):
+    """The training log, open for appending. A new run starts it afresh. A resumed run keeps one line
+    per iteration its checkpoint includes (1..resumed_at) and drops the later ones, which it is about
+    to run again (they were logged after the last checkpoint, before the interruption)."""
+    kept: dict[int, str] = {}
+    if resumed_at is not None and os.path.isfile(path):
+        with open(path, errors="replace") as f:
+            for line in f:
+                try:
+                    iteration = json.loads(line)["iteration"]
+                except (ValueError, KeyError, TypeError):  # e.g. a line cut short by the interruption
+                    continue
+                if isinstance(iteration, int) and 1 <= iteration <= resumed_at:
+                    kept[iteration] = line.rstrip("\n") + "\n"
+    formats.write_text(path, "".join(kept[i] for i in sorted(kept)), "TrainConfig.log_file:")
+    return open(path, "a")
+
+
 def _finish(router: Router, run: Run, config: TrainConfig, cost: ModelCost, sampler: str, facts,
             world: World, wall: float) -> Router:
     if config.target_speedup is not None:
@@ -193,6 +242,8 @@ def _finish(router: Router, run: Run, config: TrainConfig, cost: ModelCost, samp
     return Router(router.logits.detach().cpu(), metadata={
         "method": config.method,
         "sampler": sampler,
+        # The grid the router learned on; check_sampler refuses a scheduler that evaluates other timesteps.
+        "timesteps": sampler_grid(run.scheduler, config.num_steps),
         "model_class": facts.model_class,
         "block_width": facts.block_width,
         "threshold": threshold,
