@@ -645,11 +645,14 @@ def cmd_bench(args) -> int:
               "measured_speedup": measured, "theoretical_speedup": theoretical,
               "measured_over_theoretical": measured / theoretical, "threads": torch.get_num_threads(),
               "page_faults_uncached": timings["uncached"].page_faults,
-              "page_faults_cached": timings["cached"].page_faults}
+              "page_faults_cached": timings["cached"].page_faults,
+              "uncached_cpu_s": timings["uncached"].cpu_seconds, "cached_cpu_s": timings["cached"].cpu_seconds,
+              "measured_speedup_cpu": timings["uncached"].cpu_seconds / timings["cached"].cpu_seconds}
     print(f"{args.shape}: {blocks} blocks, batch {args.batch} (x2 CFG), {args.steps} steps, CUR "
           f"{schedule.cache_usage:.1%}, {torch.get_num_threads()} thread(s): uncached {t_uncached:.3f} s, cached "
           f"{t_cached:.3f} s -> {measured:.2f}x measured, {theoretical:.2f}x theoretical ({measured / theoretical:.1%}); "
-          f"page faults per run {result['page_faults_uncached']} uncached, {result['page_faults_cached']} cached")
+          f"page faults per run {result['page_faults_uncached']} uncached, {result['page_faults_cached']} cached; "
+          f"by CPU time {result['measured_speedup_cpu']:.2f}x ({result['measured_speedup_cpu'] / theoretical:.1%})")
     if args.json:
         from .formats import write_text
 
