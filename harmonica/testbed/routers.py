@@ -2,7 +2,7 @@
 
     from harmonica.testbed.routers import load_router
     router = load_router("harmonica", "ddim", 20)
-    hc.enable_cache(bed.transformer, router.to_schedule(router.metadata["threshold"]))
+    hc.enable_cache(bed.transformer, router.to_schedule())  # at the threshold it was trained to
 
 Retrain (writes assets/routers/<method>_<sampler>_<steps>.safetensors; settings in the file's metadata):
 
