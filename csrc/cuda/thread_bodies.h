@@ -337,6 +337,93 @@ struct GatedMergeBody {
   }
 };
 
+// ---- forecast_read / forecast_update ---------------------------------------------------------
+// kSlots (1 to kMaxForecastSlots) slots of a unit's divided differences: one kernel per table size,
+// so each order runs exactly its own loads, arithmetic and stores, with every load of a pack issued
+// before its first use. The parameters hold kMaxForecastSlots entries (unused: nullptr / 0). Slots
+// share no memory with any argument or with each other (the launcher's overlap checks).
+// Slot is `const T` for forecast_read (the slots are only read) and T for forecast_update.
+template <typename T, typename Slot>
+struct ForecastParams {
+  using acc_t = at::opmath_type<T>;
+  PackLayout layout;
+  const T* x;
+  const T* __restrict__ gate;
+  int64_t gate_batch_stride;
+  const T* __restrict__ fresh;  // forecast_update only
+  Slot* __restrict__ slots[kMaxForecastSlots];
+  acc_t factors[kMaxForecastSlots];  // forecast_read: kSlots coeffs; forecast_update: kSlots - 1 inv
+  T* out;                            // may be x (in-place variants)
+};
+
+// out = x + gate * sum_i coeffs[i] * slots[i], the sum in the accumulation type, rounded once on store.
+template <typename T, int VEC, int kSlots>
+struct ForecastReadBody {
+  HARMONICA_HOST_DEVICE static void run(const ThreadIndex& t, const ForecastParams<T, const T>& p) {
+    using acc_t = at::opmath_type<T>;
+    for_each_pack(t, p.layout, [&](const PackPosition& at) {
+      const int64_t first = static_cast<int64_t>(at.pack) * VEC;
+      Pack<T, VEC> slots[kSlots];
+      HARMONICA_UNROLL
+      for (int i = 0; i < kSlots; ++i) {
+        slots[i] = load_pack<VEC>(p.slots[i] + first);
+      }
+      const Pack<T, VEC> x = load_pack<VEC>(p.x + first);
+      const Pack<T, VEC> gate = load_gate<VEC>(p.gate, p.gate_batch_stride, at);
+      Pack<T, VEC> out;
+      HARMONICA_UNROLL
+      for (int k = 0; k < VEC; ++k) {
+        acc_t value = acc_t(0);
+        HARMONICA_UNROLL
+        for (int i = 0; i < kSlots; ++i) {
+          value = forecast_term<acc_t>(value, p.factors[i], static_cast<acc_t>(slots[i].value[k]));
+        }
+        out.value[k] =
+            T(gated_residual<acc_t>(static_cast<acc_t>(x.value[k]), static_cast<acc_t>(gate.value[k]), value));
+      }
+      store_pack<VEC>(p.out + first, out);
+    });
+  }
+};
+
+// out = x + gate * fresh; slot 0 <- fresh, slot i <- (new_{i-1} - old_{i-1}) * inv[i-1]. A thread reads
+// its packs of the old differences before it writes any slot; the chain of differences stays in the
+// accumulation type and each slot is rounded once, on store (slot 0 takes fresh bit for bit).
+template <typename T, int VEC, int kSlots>
+struct ForecastUpdateBody {
+  HARMONICA_HOST_DEVICE static void run(const ThreadIndex& t, const ForecastParams<T, T>& p) {
+    using acc_t = at::opmath_type<T>;
+    constexpr int kOld = kSlots - 1;
+    for_each_pack(t, p.layout, [&](const PackPosition& at) {
+      const int64_t first = static_cast<int64_t>(at.pack) * VEC;
+      Pack<T, VEC> older[kOld > 0 ? kOld : 1];
+      HARMONICA_UNROLL
+      for (int i = 0; i < kOld; ++i) {
+        older[i] = load_pack<VEC>(p.slots[i] + first);
+      }
+      const Pack<T, VEC> fresh = load_pack<VEC>(p.fresh + first);
+      store_pack<VEC>(p.out + first, gated_residual_pack(load_pack<VEC>(p.x + first),
+                                                         load_gate<VEC>(p.gate, p.gate_batch_stride, at), fresh));
+      acc_t newer[VEC];
+      HARMONICA_UNROLL
+      for (int k = 0; k < VEC; ++k) {
+        newer[k] = static_cast<acc_t>(fresh.value[k]);
+      }
+      Pack<T, VEC> pending = fresh;
+      HARMONICA_UNROLL
+      for (int i = 0; i < kOld; ++i) {
+        store_pack<VEC>(p.slots[i] + first, pending);
+        HARMONICA_UNROLL
+        for (int k = 0; k < VEC; ++k) {
+          newer[k] = divided_difference<acc_t>(newer[k], static_cast<acc_t>(older[i].value[k]), p.factors[i]);
+          pending.value[k] = T(newer[k]);
+        }
+      }
+      store_pack<VEC>(p.slots[kSlots - 1] + first, pending);
+    });
+  }
+};
+
 // ---- check kernels ---------------------------------------------------------------------------
 // Validation of values that live in device memory, which the host cannot read without a
 // synchronisation. Grid-stride loops, so every entry is checked whatever the launch's grid.
