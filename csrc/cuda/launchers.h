@@ -270,10 +270,16 @@ void forecast(const Backend& backend, const char* op, const ForecastInputs& in, 
         for (size_t i = 0; i < in.factors.size(); ++i) {
           params.factors[i] = static_cast<acc_t>(in.factors[i]);
         }
+        params.count = static_cast<int>(slots.size());
         params.out = result + at;
-        with_slot_count(static_cast<int64_t>(slots.size()), [&](auto count) {
-          backend.template run<Body<scalar_t, VEC, decltype(count)::value>>(params, layout.packs);
-        });
+        // One kernel per table size for the widest pack only (see ForecastParams).
+        if constexpr (VEC == kMaxPack<scalar_t>) {
+          with_slot_count(params.count, [&](auto count) {
+            backend.template run<Body<scalar_t, VEC, decltype(count)::value>>(params, layout.packs);
+          });
+        } else {
+          backend.template run<Body<scalar_t, VEC, 0>>(params, layout.packs);
+        }
       });
     });
   });
