@@ -61,12 +61,13 @@ SLOT_STATES = ("hot", "cold")
 COLD_SLOT_BYTES = max(128 << 20, 2 * harmonica_C.last_level_cache_bytes)
 
 
-def cache_slots(shape, dtype, state):
-    """An endless cycle of cache slots; `next()` gives the slot for one call."""
-    count = 1
+def cache_slots(shape, dtype, state, table=1):
+    """An endless cycle of cache slots; `next()` gives the slot for one call, or one of the `table`
+    distinct slots a forecast op takes per call."""
+    count = table
     if state == "cold":
         slot_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        count = max(2, math.ceil(COLD_SLOT_BYTES / slot_bytes))
+        count = max(table + 1, math.ceil(COLD_SLOT_BYTES / slot_bytes))
     return itertools.cycle(tensors(shape, dtype, count, seed=2))
 
 
@@ -221,6 +222,7 @@ def forecast_read(order, in_place):
         # reads x and order + 1 slots, writes out (x in place)
         return impls, (order + 3) * x.nbytes
 
+    build.table = order + 1
     return build
 
 
@@ -242,6 +244,7 @@ def forecast_update(order, in_place):
         # reads x, fresh and `order` old slots; writes out (x in place) and order + 1 slots
         return {"fused": lambda: fused_op(x, gate, fresh, table(), inv), "eager": eager}, (2 * order + 4) * x.nbytes
 
+    build.table = order + 1
     return build
 
 
@@ -284,7 +287,7 @@ def test_copy(benchmark, name, dtype):
 def test_op(benchmark, op, slot_state, name, dtype):
     """Times the fused op; the untimed setup before each of its rounds times the eager composition."""
     shape = SHAPES[name]
-    impls, bytes_moved = OPS[op](shape, dtype, cache_slots(shape, dtype, slot_state))
+    impls, bytes_moved = OPS[op](shape, dtype, cache_slots(shape, dtype, slot_state, getattr(OPS[op], "table", 1)))
     fused, eager = synchronized(impls["fused"]), synchronized(impls["eager"])
     eager_times = []
 
