@@ -1,5 +1,6 @@
 """Fused cache ops vs the eager PyTorch composition they replace, and a plain copy as the
 bandwidth yardstick, on DiT-XL/2 (N=256 tokens, D=1152) and PixArt-alpha 1024px (N=4096) shapes.
+The forecast ops run at orders 1 and 2 ("forecast_read o2": a table of three slots).
 
 Run: `pytest benchmarks/ --benchmark-only` (see benchmarks/README.md). GB/s counts the bytes the
 fused op must move at minimum (every input read once, every output written once); the eager
@@ -60,12 +61,13 @@ SLOT_STATES = ("hot", "cold")
 COLD_SLOT_BYTES = max(128 << 20, 2 * harmonica_C.last_level_cache_bytes)
 
 
-def cache_slots(shape, dtype, state):
-    """An endless cycle of cache slots; `next()` gives the slot for one call."""
-    count = 1
+def cache_slots(shape, dtype, state, table=1):
+    """An endless cycle of cache slots; `next()` gives the slot for one call, or one of the `table`
+    distinct slots a forecast op takes per call."""
+    count = table
     if state == "cold":
         slot_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        count = max(2, math.ceil(COLD_SLOT_BYTES / slot_bytes))
+        count = max(table + 1, math.ceil(COLD_SLOT_BYTES / slot_bytes))
     return itertools.cycle(tensors(shape, dtype, count, seed=2))
 
 
@@ -179,6 +181,73 @@ def gated_merge(shape, dtype, slots):
     return {"fused": lambda: ops.gated_merge(x, gate, branch_active, index, next(slots)), "eager": eager}, bytes_moved
 
 
+# Forecasting (harmonica/cache/forecast.py): a unit's table of divided differences, one slot per order,
+# every slot cold or hot like the single slot above. Coefficients and inverse distances of TaylorSeer's
+# rule at interval 2 (the Newton form over step positions), the eager composition in the natural dtype.
+FORECAST_COEFFS = (1.0, 1.0, 3.0)
+FORECAST_INV = (0.5, 0.25)
+
+
+def forecast_value_eager(table, coeffs):
+    value = table[0] * coeffs[0] if len(table) == 1 else torch.add(table[0], table[1], alpha=coeffs[1])
+    for coeff, difference in zip(coeffs[2:], table[2:]):
+        value.add_(difference, alpha=coeff)
+    return value
+
+
+def forecast_update_eager(fresh, table, inv):
+    difference = fresh
+    for old, h in zip(table, inv):
+        newer = (difference - old) * h  # reads the old difference before it is overwritten
+        old.copy_(difference)
+        difference = newer
+    table[-1].copy_(difference)
+
+
+def forecast_read(order, in_place):
+    def build(shape, dtype, slots):
+        (x,) = tensors(shape, dtype, 1)
+        gate = gate_for(shape, dtype)
+        coeffs = FORECAST_COEFFS[: order + 1]
+
+        def table():
+            return [next(slots) for _ in range(order + 1)]
+
+        if in_place:
+            impls = {"fused": lambda: ops.forecast_read_(x, gate, table(), coeffs),
+                     "eager": lambda: x.add_(gate.unsqueeze(1) * forecast_value_eager(table(), coeffs))}
+        else:
+            impls = {"fused": lambda: ops.forecast_read(x, gate, table(), coeffs),
+                     "eager": lambda: x + gate.unsqueeze(1) * forecast_value_eager(table(), coeffs)}
+        # reads x and order + 1 slots, writes out (x in place)
+        return impls, (order + 3) * x.nbytes
+
+    build.table = order + 1
+    return build
+
+
+def forecast_update(order, in_place):
+    def build(shape, dtype, slots):
+        x, fresh = tensors(shape, dtype, 2)
+        gate = gate_for(shape, dtype)
+        inv = FORECAST_INV[:order]
+
+        def table():
+            return [next(slots) for _ in range(order + 1)]
+
+        def eager():
+            out = x.add_(gate.unsqueeze(1) * fresh) if in_place else x + gate.unsqueeze(1) * fresh
+            forecast_update_eager(fresh, table(), inv)
+            return out
+
+        fused_op = ops.forecast_update_ if in_place else ops.forecast_update
+        # reads x, fresh and `order` old slots; writes out (x in place) and order + 1 slots
+        return {"fused": lambda: fused_op(x, gate, fresh, table(), inv), "eager": eager}, (2 * order + 4) * x.nbytes
+
+    build.table = order + 1
+    return build
+
+
 OPS = {
     "cache_write": cache_write,
     "cache_write_": cache_write_,
@@ -188,6 +257,9 @@ OPS = {
     "blend fwd+bwd": blend_forward_backward,
     "gather_rows": gather_rows,
     "gated_merge": gated_merge,
+    **{f"{name}{'_' if in_place else ''} o{order}": builder(order, in_place)
+       for name, builder in (("forecast_read", forecast_read), ("forecast_update", forecast_update))
+       for in_place in (False, True) for order in (1, 2)},
 }
 
 
@@ -215,7 +287,7 @@ def test_copy(benchmark, name, dtype):
 def test_op(benchmark, op, slot_state, name, dtype):
     """Times the fused op; the untimed setup before each of its rounds times the eager composition."""
     shape = SHAPES[name]
-    impls, bytes_moved = OPS[op](shape, dtype, cache_slots(shape, dtype, slot_state))
+    impls, bytes_moved = OPS[op](shape, dtype, cache_slots(shape, dtype, slot_state, getattr(OPS[op], "table", 1)))
     fused, eager = synchronized(impls["fused"]), synchronized(impls["eager"])
     eager_times = []
 

@@ -66,6 +66,8 @@ def cuda_time(fn, min_seconds: float = 0.05, max_iters: int = 200) -> float:
 
 
 def op_builders(shape, dtype, device):
+    from bench_ops import FORECAST_COEFFS, FORECAST_INV, forecast_update_eager, forecast_value_eager
+
     from harmonica import ops
 
     B, N, D = shape
@@ -82,6 +84,7 @@ def op_builders(shape, dtype, device):
     index = torch.arange(0, B, 2, device=device)
     active = rand(index.numel(), N, D)
     x2 = x.clone()
+    table = [rand(B, N, D) for _ in range(3)]  # a forecast table of orders 0..2
     elem = x.element_size()
     n = x.numel()
     nbytes = n * elem
@@ -112,6 +115,15 @@ def op_builders(shape, dtype, device):
         "gated_merge": (lambda: ops.gated_merge(x, gate, active, index, slot), eager_merge,
                         3 * nbytes + 2 * active.numel() * elem + gate_bytes),
         "copy_": (lambda: slot.copy_(branch), None, 2 * nbytes),
+        # What cached inference runs when a schedule forecasts (orders 1 and 2, in place).
+        **{f"forecast_read_ o{m}": (
+            lambda m=m: ops.forecast_read_(x2, gate, table[: m + 1], FORECAST_COEFFS[: m + 1]),
+            lambda m=m: x2.add_(g3 * forecast_value_eager(table[: m + 1], FORECAST_COEFFS[: m + 1])),
+            (m + 3) * nbytes + gate_bytes) for m in (1, 2)},
+        **{f"forecast_update_ o{m}": (
+            lambda m=m: ops.forecast_update_(x2, gate, branch, table[: m + 1], FORECAST_INV[:m]),
+            lambda m=m: (x2.add_(g3 * branch), forecast_update_eager(branch, table[: m + 1], FORECAST_INV[:m])),
+            (2 * m + 4) * nbytes + gate_bytes) for m in (1, 2)},
     }
 
 
@@ -258,7 +270,9 @@ def run_e2e(out_path: Path, smoke: bool = False) -> dict:
         model = DiTTransformer2DModel(**config)
     model = model.to(dtype).eval().requires_grad_(False)
     schedules = {"FORA interval 2": hc.Schedule.fora(steps, blocks, interval=2),
-                 "Delta-DiT": hc.Schedule.delta_dit(steps, blocks)}
+                 "Delta-DiT": hc.Schedule.delta_dit(steps, blocks),
+                 # forecast_update_ / forecast_read_ on every skipped step: the issue's >= 0.95 bar
+                 "TaylorSeer interval 2 order 2": hc.Schedule.taylorseer(steps, blocks, interval=2, order=2)}
     rows = []
     for images in batches:
         labels = torch.arange(images, device=device) * 7 % 1000

@@ -1,13 +1,14 @@
 // Autograd kernels of the ops other than blend (whose fused backward is registered from Python).
 //
-// torch.library's Python register_autograd only accepts functional ops, and cache_write and
-// gated_merge write their cache slot; without a kernel at the Autograd key torch falls back to one
+// torch.library's Python register_autograd only accepts functional ops, and cache_write,
+// gated_merge and forecast_update write their cache slots; without a kernel at the Autograd key torch falls back to one
 // that warns and silently drops the gradients of gate and branch. So every op has one here:
 // * when no input requires grad (inference, the usual case) the op goes straight to its CPU/CUDA
 //   kernel below autograd, and the tensors it wrote get a new version, as after any in-place op;
 // * otherwise the out-of-place ops run as at inference, then rebuild their output differentiably
 //   with `blend` at w = 1, which is x + gate * fresh with the fused backward (cache slots stay
-//   detached, as in blend); gather_rows with index_select;
+//   detached, as in blend); gather_rows with index_select; forecast_read with ATen (its forecast value
+//   has no tensor of x's dtype to hand to blend);
 // * the in-place variants overwrite x, which a backward pass may need, so with inputs that require
 //   grad they refuse and name the out-of-place op.
 #include <initializer_list>
@@ -122,6 +123,46 @@ at::Tensor gated_merge_autograd(const at::Tensor& x, const at::Tensor& gate, con
   return gated_residual_with_grad(x, gate, value);
 }
 
+using ForecastReadSig = at::Tensor(const at::Tensor&, const at::Tensor&, at::TensorList, at::ArrayRef<double>);
+
+// x + gate * sum_i coeffs[i] * slots[i], differentiable in x and gate (slots detached, as cache_read's
+// slot): ATen in the accumulation type, rounded once, which is what the kernels compute. Unlike
+// cache_read's, the forecast value has no tensor of x's dtype that blend could take without a second
+// rounding for half types.
+at::Tensor forecast_with_grad(const at::Tensor& x, const at::Tensor& gate, at::TensorList slots,
+                              at::ArrayRef<double> coeffs) {
+  const at::ScalarType acc_type = at::toOpMathType(x.scalar_type());
+  at::Tensor value;
+  for (size_t i = 0; i < coeffs.size(); ++i) {
+    const at::Tensor term = slots[i].detach().to(acc_type).mul(coeffs[i]);
+    value = value.defined() ? value.add(term) : term;
+  }
+  const at::Tensor gate_acc = gate.to(acc_type).reshape({x.size(0), 1, x.size(2)});
+  return x.to(acc_type).add(gate_acc.mul(value)).to(x.scalar_type()).contiguous();
+}
+
+at::Tensor forecast_read_autograd(const at::Tensor& x, const at::Tensor& gate, at::TensorList slots,
+                                  at::ArrayRef<double> coeffs) {
+  static const auto op = op_handle<ForecastReadSig>("harmonica::forecast_read");
+  const at::Tensor out = call_below_autograd(op, x, gate, slots, coeffs);
+  return first_requiring_grad({{"x", &x}, {"gate", &gate}}) ? forecast_with_grad(x, gate, slots, coeffs) : out;
+}
+
+using ForecastUpdateSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
+                                     at::ArrayRef<double>);
+
+// The output is cache_write's, x + gate * fresh; the slots (written, detached) are not in the graph.
+at::Tensor forecast_update_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh,
+                                    at::TensorList slots, at::ArrayRef<double> inv) {
+  static const auto op = op_handle<ForecastUpdateSig>("harmonica::forecast_update");
+  const at::Tensor out = call_below_autograd(op, x, gate, fresh, slots, inv);
+  for (const at::Tensor& slot : slots) {
+    mark_written(slot);
+  }
+  return first_requiring_grad({{"x", &x}, {"gate", &gate}, {"fresh", &fresh}}) ? gated_residual_with_grad(x, gate, fresh)
+                                                                                 : out;
+}
+
 // ---- in-place variants --------------------------------------------------------------------------
 
 void refuse_grad(const char* op, const char* argument) {
@@ -171,6 +212,34 @@ void gated_merge_inplace_autograd(const at::Tensor& x, const at::Tensor& gate, c
   mark_written(cache);
 }
 
+using ForecastReadInPlaceSig = void(const at::Tensor&, const at::Tensor&, at::TensorList, at::ArrayRef<double>);
+
+void forecast_read_inplace_autograd(const at::Tensor& x, const at::Tensor& gate, at::TensorList slots,
+                                    at::ArrayRef<double> coeffs) {
+  if (const char* argument = first_requiring_grad({{"x", &x}, {"gate", &gate}})) {
+    refuse_grad("forecast_read_", argument);
+  }
+  static const auto op = op_handle<ForecastReadInPlaceSig>("harmonica::forecast_read_");
+  call_below_autograd(op, x, gate, slots, coeffs);
+  mark_written(x);
+}
+
+using ForecastUpdateInPlaceSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
+                                      at::ArrayRef<double>);
+
+void forecast_update_inplace_autograd(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh,
+                                      at::TensorList slots, at::ArrayRef<double> inv) {
+  if (const char* argument = first_requiring_grad({{"x", &x}, {"gate", &gate}, {"fresh", &fresh}})) {
+    refuse_grad("forecast_update_", argument);
+  }
+  static const auto op = op_handle<ForecastUpdateInPlaceSig>("harmonica::forecast_update_");
+  call_below_autograd(op, x, gate, fresh, slots, inv);
+  mark_written(x);
+  for (const at::Tensor& slot : slots) {
+    mark_written(slot);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(harmonica, Autograd, m) {
@@ -181,6 +250,10 @@ TORCH_LIBRARY_IMPL(harmonica, Autograd, m) {
   m.impl("cache_write_", TORCH_FN(cache_write_inplace_autograd));
   m.impl("cache_read_", TORCH_FN(cache_read_inplace_autograd));
   m.impl("gated_merge_", TORCH_FN(gated_merge_inplace_autograd));
+  m.impl("forecast_read", TORCH_FN(forecast_read_autograd));
+  m.impl("forecast_update", TORCH_FN(forecast_update_autograd));
+  m.impl("forecast_read_", TORCH_FN(forecast_read_inplace_autograd));
+  m.impl("forecast_update_", TORCH_FN(forecast_update_inplace_autograd));
 }
 
 }  // namespace harmonica

@@ -48,4 +48,25 @@ HARMONICA_HOST_DEVICE inline F blend_grad_w_term(const F& grad_out, const F& gat
   return grad_out * gate * (fresh - cache);
 }
 
+// ---- forecasting (harmonica/cache/forecast.py has the formula) ----------------------------------
+// A skipped branch served by a forecast reads the unit's Newton divided differences D_0..D_m (its
+// slots) and serves sum_i coeff_i * D_i; a compute refreshes them: D_0 = fresh, then order by order
+// D_i = (D_{i-1}^new - D_{i-1}^old) * inv_{i-1}. The running sum and the chain of differences stay in
+// F between terms and orders, so a half-precision slot is rounded once, on store.
+
+// The most slots one forecast op reads or writes: orders 0..4 (harmonica.schedule.MAX_ORDER + 1).
+constexpr int kMaxForecastSlots = 5;
+
+// sum + coeff * difference: one Newton term added to the forecast (the first term is 0 + ...).
+template <typename F>
+HARMONICA_HOST_DEVICE inline F forecast_term(const F& sum, const F& coeff, const F& difference) {
+  return sum + coeff * difference;
+}
+
+// The divided difference of the next order from the new and the old one of this order.
+template <typename F>
+HARMONICA_HOST_DEVICE inline F divided_difference(const F& newer, const F& older, const F& inv_distance) {
+  return (newer - older) * inv_distance;
+}
+
 }  // namespace harmonica

@@ -1,14 +1,19 @@
 #include "checks.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
-#include <initializer_list>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
+
+#include "cache_ops.h"
 
 namespace harmonica {
 namespace {
@@ -139,7 +144,7 @@ struct Named {
 // kernels (row by row) and the GPU (packs in any order, concurrently): ATen refuses the same
 // aliasing. The conservative byte-range test may also refuse interleaved strided views that touch
 // no common element; the fix is the same.
-void check_no_overlap(const char* op, const Named& written, std::initializer_list<Named> others) {
+void check_no_overlap(const char* op, const Named& written, c10::ArrayRef<Named> others) {
   const ByteRange w = byte_range(written.tensor);
   for (const Named& other : others) {
     if (other.tensor.device() != written.tensor.device()) {
@@ -162,6 +167,43 @@ at::Tensor prepare_index(const char* op, const at::Tensor& index, const at::Tens
   TORCH_CHECK(index.size(0) <= max_rows, op, ": `index` has ", index.size(0), " entries but `x` has only ",
               max_rows, " samples; each sample may appear at most once.");
   return index.contiguous();
+}
+
+// "slots[0]", "slots[1]", ...: the names the errors give each slot.
+std::vector<std::string> slot_names(size_t count) {
+  std::vector<std::string> names;
+  names.reserve(count);
+  for (size_t i = 0; i < count; ++i) {
+    names.push_back("slots[" + std::to_string(i) + "]");
+  }
+  return names;
+}
+
+// `others` followed by slots[first], slots[first + 1], ... under their names.
+std::vector<Named> and_slots(std::vector<Named> others, const std::vector<std::string>& names, at::TensorList slots,
+                             size_t first = 0) {
+  for (size_t i = first; i < slots.size(); ++i) {
+    others.push_back({names[i].c_str(), slots[i]});
+  }
+  return others;
+}
+
+// A forecast table has 1 to kMaxForecastSlots slots (orders 0 to kMaxForecastSlots - 1), and
+// `factors_name` gives `expected` finite factors for it.
+void check_forecast_table(const char* op, at::TensorList slots, const char* factors_name, at::ArrayRef<double> factors,
+                          size_t expected, const char* per) {
+  TORCH_CHECK(!slots.empty() && slots.size() <= static_cast<size_t>(kMaxForecastSlots), op,
+              ": `slots` must hold 1 to ", kMaxForecastSlots, " tensors (divided differences of orders 0 to ",
+              kMaxForecastSlots - 1, "), got ", slots.size(), ".");
+  TORCH_CHECK(factors.size() == expected, op, ": `", factors_name, "` has ", factors.size(), " entries for ",
+              slots.size(), " slots; pass ", per, " (", expected, ").");
+  for (size_t i = 0; i < factors.size(); ++i) {
+    // A non-finite factor would fill every slot or output with inf/NaN, silently: two computes at
+    // the same position (a zero distance) is the usual cause.
+    TORCH_CHECK(std::isfinite(factors[i]), op, ": `", factors_name, "[", i, "]` = ", factors[i],
+                " is not finite; the forecast plan divides by the distances between a unit's computes, which must "
+                "be distinct positions.");
+  }
 }
 
 }  // namespace
@@ -217,6 +259,52 @@ BlendInputs prepare_blend(const char* op, const at::Tensor& x, const at::Tensor&
                      prepared.on_host,
                      prepared.value,
                      prepared.needs_device_check};
+}
+
+ForecastInputs prepare_forecast_read(const char* op, const at::Tensor& x, const at::Tensor& gate,
+                                     at::TensorList slots, at::ArrayRef<double> coeffs, bool x_in_place) {
+  const HiddenShape shape = check_hidden_states(op, "x", x);
+  check_forecast_table(op, slots, "coeffs", coeffs, slots.size(), "one coefficient per slot read");
+  const std::vector<std::string> names = slot_names(slots.size());
+  for (size_t i = 0; i < slots.size(); ++i) {
+    check_like(op, names[i].c_str(), slots[i], "x", x);
+  }
+  at::Tensor gate_2d = prepare_gate(op, gate, x, shape);
+  if (x_in_place) {
+    check_writable(op, "x", x);
+    check_no_overlap(op, {"x", x}, and_slots({{"gate", gate}}, names, slots));
+  }
+  std::vector<at::Tensor> contiguous_slots;
+  for (const at::Tensor& slot : slots) {
+    contiguous_slots.push_back(slot.contiguous());
+  }
+  return ForecastInputs{shape,           x.contiguous(), std::move(gate_2d), at::Tensor(), std::move(contiguous_slots),
+                        coeffs.vec()};
+}
+
+ForecastInputs prepare_forecast_update(const char* op, const at::Tensor& x, const at::Tensor& gate,
+                                       const at::Tensor& fresh, at::TensorList slots, at::ArrayRef<double> inv,
+                                       bool x_in_place) {
+  const HiddenShape shape = check_hidden_states(op, "x", x);
+  check_like(op, "fresh", fresh, "x", x);
+  check_forecast_table(op, slots, "inv", inv, slots.size() - (slots.empty() ? 0 : 1),
+                       "one inverse distance per order above 0, len(slots) - 1");
+  const std::vector<std::string> names = slot_names(slots.size());
+  for (size_t i = 0; i < slots.size(); ++i) {
+    check_like(op, names[i].c_str(), slots[i], "x", x);
+    check_writable(op, names[i].c_str(), slots[i]);
+  }
+  at::Tensor gate_2d = prepare_gate(op, gate, x, shape);
+  // Every slot is written: it must share memory with no argument and no other slot (each pair once).
+  for (size_t i = 0; i < slots.size(); ++i) {
+    check_no_overlap(op, {names[i].c_str(), slots[i]},
+                     and_slots({{"x", x}, {"gate", gate}, {"fresh", fresh}}, names, slots, i + 1));
+  }
+  if (x_in_place) {
+    check_writable(op, "x", x);
+    check_no_overlap(op, {"x", x}, and_slots({{"gate", gate}, {"fresh", fresh}}, names, slots));
+  }
+  return ForecastInputs{shape, x.contiguous(), std::move(gate_2d), fresh.contiguous(), slots.vec(), inv.vec()};
 }
 
 GatherRowsInputs prepare_gather_rows(const char* op, const at::Tensor& x, const at::Tensor& index) {

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -66,6 +67,29 @@ struct BlendInputs {
 
 BlendInputs prepare_blend(const char* op, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh,
                           const at::Tensor& cache, const at::Tensor& w, KernelSite site);
+
+// forecast_read / forecast_read_ and forecast_update / forecast_update_ (harmonica/cache/forecast.py).
+// Read-only slots are made contiguous; written slots must be. `factors` are the Newton coefficients
+// (one per slot read) or the inverse distances (one per written slot after the first), all finite.
+struct ForecastInputs {
+  HiddenShape shape;
+  at::Tensor x;
+  at::Tensor gate;
+  at::Tensor fresh;  // forecast_update only
+  std::vector<at::Tensor> slots;
+  std::vector<double> factors;
+};
+
+// x + gate * sum_i coeffs[i] * slots[i], one coefficient per slot, 1 to kMaxForecastSlots slots.
+ForecastInputs prepare_forecast_read(const char* op, const at::Tensor& x, const at::Tensor& gate,
+                                     at::TensorList slots, at::ArrayRef<double> coeffs, bool x_in_place);
+
+// x + gate * fresh, and the slots refreshed: slots[0] <- fresh, slots[i] <- (new_{i-1} - old_{i-1}) * inv[i-1].
+// len(slots) == len(inv) + 1, at most kMaxForecastSlots; every slot is written, so none may share
+// memory with any other argument or slot.
+ForecastInputs prepare_forecast_update(const char* op, const at::Tensor& x, const at::Tensor& gate,
+                                       const at::Tensor& fresh, at::TensorList slots, at::ArrayRef<double> inv,
+                                       bool x_in_place);
 
 struct GatherRowsInputs {
   HiddenShape shape;

@@ -56,6 +56,16 @@ TORCH_LIBRARY(harmonica, m) {
   // Rows in `index` take branch_active (and refresh their cache slot), the others read the cache.
   m.def("gated_merge(Tensor x, Tensor gate, Tensor branch_active, Tensor index, Tensor(a!) cache) -> Tensor");
   m.def("gated_merge_(Tensor(a!) x, Tensor gate, Tensor branch_active, Tensor index, Tensor(b!) cache) -> ()");
+  // Forecasting (harmonica/cache/forecast.py): a skipped branch served from a unit's divided
+  // differences, out = x + gate * sum_i coeffs[i] * slots[i] (one coefficient per slot, 1 to 5); and a
+  // compute that refreshes them in the same pass as out = x + gate * fresh: slots[0] <- fresh,
+  // slots[i] <- (new slots[i-1] - old slots[i-1]) * inv[i-1] (len(inv) == len(slots) - 1). Coefficients
+  // and inverse distances are plan constants (Python floats): no device read, and torch.compile
+  // sees them as constants.
+  m.def("forecast_read(Tensor x, Tensor gate, Tensor[] slots, float[] coeffs) -> Tensor");
+  m.def("forecast_read_(Tensor(a!) x, Tensor gate, Tensor[] slots, float[] coeffs) -> ()");
+  m.def("forecast_update(Tensor x, Tensor gate, Tensor fresh, Tensor(a!)[] slots, float[] inv) -> Tensor");
+  m.def("forecast_update_(Tensor(a!) x, Tensor gate, Tensor fresh, Tensor(b!)[] slots, float[] inv) -> ()");
 
   // Test hooks (CPU only): the CUDA launcher of the op (cuda/launchers.h) with every simulated
   // (block, thread) of each launch run on the CPU. block_dim and grid_dim shape the 1-D launches
@@ -79,4 +89,12 @@ TORCH_LIBRARY(harmonica, m) {
         "int block_dim, int grid_dim, int vector_width, int max_packs=0) -> Tensor");
   m.def("_simulate_cuda_gated_merge_(Tensor(a!) x, Tensor gate, Tensor branch_active, Tensor index, "
         "Tensor(b!) cache, int block_dim, int grid_dim, int vector_width, int max_packs=0) -> ()");
+  m.def("_simulate_cuda_forecast_read(Tensor x, Tensor gate, Tensor[] slots, float[] coeffs, int block_dim, "
+        "int grid_dim, int vector_width, int max_packs=0) -> Tensor");
+  m.def("_simulate_cuda_forecast_read_(Tensor(a!) x, Tensor gate, Tensor[] slots, float[] coeffs, int block_dim, "
+        "int grid_dim, int vector_width, int max_packs=0) -> ()");
+  m.def("_simulate_cuda_forecast_update(Tensor x, Tensor gate, Tensor fresh, Tensor(a!)[] slots, float[] inv, "
+        "int block_dim, int grid_dim, int vector_width, int max_packs=0) -> Tensor");
+  m.def("_simulate_cuda_forecast_update_(Tensor(a!) x, Tensor gate, Tensor fresh, Tensor(b!)[] slots, float[] inv, "
+        "int block_dim, int grid_dim, int vector_width, int max_packs=0) -> ()");
 }

@@ -1,16 +1,18 @@
 """Fused cache ops of harmonica (C++/CUDA kernels in csrc/, registered as torch.ops.harmonica.*).
 
-Shapes: ``x``, ``branch``, ``fresh``, ``cache`` are (B, N, D) hidden states; ``gate`` is the adaLN
-gate, (B, D) or (B, 1, D), broadcast over the N tokens. float32, float16, bfloat16 and float64 are
-supported; half types are computed in float32 and rounded once on store.
+Shapes: ``x``, ``branch``, ``fresh``, ``cache`` and every forecast slot are (B, N, D) hidden states;
+``gate`` is the adaLN gate, (B, D) or (B, 1, D), broadcast over the N tokens. float32, float16,
+bfloat16 and float64 are supported; half types are computed in float32 and rounded once on store (a
+forecast's sum and its chain of differences stay in float32 throughout).
 
 Contiguity: read-only inputs may be strided (they are made contiguous, or for ``gate`` read with
-its batch stride); tensors written in place (``cache``, and ``x`` for the ``*_`` variants) must be
-contiguous, otherwise a clear error is raised.
+its batch stride); tensors written in place (``cache``, the slots of ``forecast_update``, and ``x``
+for the ``*_`` variants) must be contiguous, otherwise a clear error is raised.
 
-Aliasing: a tensor an op writes (``cache``, and ``x`` for the ``*_`` variants) must share no memory
-with any other argument, as ATen requires of its own ops; otherwise a RuntimeError names the pair.
-The one exception is ``cache_write(x, gate, cache, cache)``, a slot refreshed from itself.
+Aliasing: a tensor an op writes (``cache``, every slot of ``forecast_update``, and ``x`` for the
+``*_`` variants) must share no memory with any other argument, nor with another written slot, as ATen
+requires of its own ops; otherwise a RuntimeError names the pair (``slots[0]`` and ``slots[2]``). The
+one exception is ``cache_write(x, gate, cache, cache)``, a slot refreshed from itself.
 
 Validation happens in C++, on the host, and names the argument. Nothing synchronises with a GPU, so
 the only checks that differ by device are of values that live in GPU memory: on CUDA, a ``w`` tensor on
@@ -23,9 +25,11 @@ process must restart. The same inputs on the CPU raise a RuntimeError at the cal
 it checked on the host on every device (it is then a kernel argument, like a Python scalar).
 
 Autograd: every out-of-place op is differentiable in ``x``, ``gate`` and the branch (``branch``,
-``fresh``, ``branch_active``) and, for ``blend``, ``w``; cache slots are detached and get no gradient.
-``blend`` has a fused backward (it is what router training runs); the others rebuild their output
-with it when an input requires grad (csrc/autograd.cpp). The in-place ``*_`` variants overwrite
+``fresh``, ``branch_active``; ``forecast_read`` has none) and, for ``blend``, ``w``; cache slots are
+detached and get no gradient. ``blend`` has a fused backward (it is what router training runs); the
+others rebuild their output with it, or ``forecast_read`` with ATen in float32, when an input requires
+grad (csrc/autograd.cpp). Training's forecasting does not go through the forecast ops (it blends with
+``blend``), but a cached model run with grad enabled does. The in-place ``*_`` variants overwrite
 ``x``, which a backward pass needs, so they raise when an input requires grad.
 
 ``reference`` holds a pure-PyTorch implementation of every op with the same signature: the
@@ -139,37 +143,48 @@ def blend(
     return _ops.blend.default(x, gate, fresh, cache, w)
 
 
-def _check_slots(name: str, x: torch.Tensor, slots, count: int, what: str, exact: bool) -> None:
+def _table(name: str, slots, factors, what: str) -> list:
+    """The slots the op takes for these factors, or a clear error. ``coeffs``: one per slot read (later
+    slots are not read); ``inv``: one per order above 0. Shapes, dtypes and devices are checked by the op."""
     if not isinstance(slots, (list, tuple)) or not slots:
         raise RuntimeError(f"harmonica.{name}: `slots` must be a non-empty list of tensors (a unit's divided "
                            f"differences, order 0 first), got {type(slots).__name__}")
-    for i, slot in enumerate(slots):
-        if tuple(slot.shape) != tuple(x.shape):
-            raise RuntimeError(f"harmonica.{name}: `slots[{i}]` must have x's shape {tuple(x.shape)}, got "
-                               f"{tuple(slot.shape)}")
-    if (count != len(slots)) if exact else not 1 <= count <= len(slots):
-        need = f"{len(slots) - 1} ({len(slots)} slots)" if exact else f"between 1 and {len(slots)}"
-        raise RuntimeError(f"harmonica.{name}: {what} gives {count} terms for {len(slots)} slots; pass {need}")
+    if what == "coeffs":
+        if not 1 <= len(factors) <= len(slots):
+            raise RuntimeError(f"harmonica.{name}: `coeffs` has {len(factors)} entries for {len(slots)} slots; pass "
+                               f"1 to {len(slots)}, one per slot read")
+        return list(slots[:len(factors)])
+    if len(factors) != len(slots) - 1:
+        raise RuntimeError(f"harmonica.{name}: `inv` has {len(factors)} entries for {len(slots)} slots; pass "
+                           f"{len(slots) - 1}, one per order above 0")
+    return list(slots)
+
+
+def _floats(values) -> list[float]:
+    return [float(v) for v in values]
 
 
 def forecast_read(x: torch.Tensor, gate: torch.Tensor, slots, coeffs) -> torch.Tensor:
-    """Return ``x + gate * sum_i coeffs[i] * slots[i]``: a skipped branch served by a forecast.
+    """Return ``x + gate * sum_i coeffs[i] * slots[i]``: a skipped branch served by a forecast, in one pass.
 
     ``slots`` hold a unit's divided differences (order 0 first, harmonica.cache.forecast) and ``coeffs``
-    (Python floats, one per slot read) the Newton coefficients of the step; one coefficient 1.0 over
-    one slot is :func:`cache_read`."""
-    _check_slots("forecast_read", x, slots, len(coeffs), "coeffs", exact=False)
+    (Python floats, one per slot read, 1 to 5; later slots are not read) the Newton coefficients of the
+    step; one coefficient 1.0 over one slot is :func:`cache_read`. Mixed input dtypes are promoted; the
+    sum is taken in float32 (float64 for float64) and the result rounded once. Differentiable in x and
+    gate (the slots are detached, as in :func:`cache_read`)."""
+    slots = _table("forecast_read", slots, coeffs, "coeffs")
     x, gate, *slots = _promoted(result_dtype(x, gate, *slots), x, gate, *slots)
-    return reference.forecast_read(x, gate, slots, tuple(coeffs))
+    return _ops.forecast_read.default(x, gate, slots, _floats(coeffs))
 
 
 def forecast_read_(x: torch.Tensor, gate: torch.Tensor, slots, coeffs) -> torch.Tensor:
     """``forecast_read`` that updates ``x`` in place and returns it."""
-    _check_slots("forecast_read_", x, slots, len(coeffs), "coeffs", exact=False)
+    slots = _table("forecast_read_", slots, coeffs, "coeffs")
     dtype = result_dtype(x, gate, *slots)
     _check_in_place("forecast_read_", x, dtype)
     gate, *slots = _promoted(dtype, gate, *slots)
-    return x.copy_(reference.forecast_read(x, gate, slots, tuple(coeffs)))
+    _ops.forecast_read_.default(x, gate, slots, _floats(coeffs))
+    return x
 
 
 def forecast_update(x: torch.Tensor, gate: torch.Tensor, fresh: torch.Tensor, slots, inv) -> torch.Tensor:
@@ -177,19 +192,24 @@ def forecast_update(x: torch.Tensor, gate: torch.Tensor, fresh: torch.Tensor, sl
     ``slots[0] = fresh``, ``slots[i] = (slots[i-1]_new - slots[i-1]_old) * inv[i-1]``, i = 1..len(inv).
 
     ``inv`` are the inverse distances to the unit's earlier computes (Python floats), one fewer than
-    ``slots``; with one slot and no ``inv`` this is :func:`cache_write`. Slots keep their dtype."""
-    _check_slots("forecast_update", x, slots, len(inv) + 1, "inv", exact=True)
+    ``slots`` (at most 5 slots); with one slot and no ``inv`` this is :func:`cache_write`. The chain of
+    differences stays in float32 (float64) between orders, each slot is rounded once. The slots are
+    written, never converted: they must have the promoted dtype of x, gate and fresh, be contiguous and
+    share no memory with any argument or with each other. Differentiable in x, gate and fresh (the slots
+    are detached, as in :func:`cache_write`)."""
+    slots = _table("forecast_update", slots, inv, "inv")
     x, gate, fresh = _promoted(result_dtype(x, gate, fresh), x, gate, fresh)
-    return reference.forecast_update(x, gate, fresh, slots, tuple(inv))
+    return _ops.forecast_update.default(x, gate, fresh, slots, _floats(inv))
 
 
 def forecast_update_(x: torch.Tensor, gate: torch.Tensor, fresh: torch.Tensor, slots, inv) -> torch.Tensor:
     """``forecast_update`` that updates ``x`` in place and returns it."""
-    _check_slots("forecast_update_", x, slots, len(inv) + 1, "inv", exact=True)
+    slots = _table("forecast_update_", slots, inv, "inv")
     dtype = result_dtype(x, gate, fresh)
     _check_in_place("forecast_update_", x, dtype)
     gate, fresh = _promoted(dtype, gate, fresh)
-    return x.copy_(reference.forecast_update(x, gate, fresh, slots, tuple(inv)))
+    _ops.forecast_update_.default(x, gate, fresh, slots, _floats(inv))
+    return x
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -274,6 +294,26 @@ def _(x, gate, branch_active, index, cache):
     return None
 
 
+@torch.library.register_fake("harmonica::forecast_read")
+def _(x, gate, slots, coeffs):
+    return _like_hidden(x)
+
+
+@torch.library.register_fake("harmonica::forecast_read_")
+def _(x, gate, slots, coeffs):
+    return None
+
+
+@torch.library.register_fake("harmonica::forecast_update")
+def _(x, gate, fresh, slots, inv):
+    return _like_hidden(x)
+
+
+@torch.library.register_fake("harmonica::forecast_update_")
+def _(x, gate, fresh, slots, inv):
+    return None
+
+
 @torch.library.register_fake("harmonica::_simulate_cuda_cache_write")
 def _(x, gate, branch, cache, block_dim, grid_dim, vector_width, max_packs=0):
     return _like_hidden(x)
@@ -312,6 +352,26 @@ def _(grad_out, gate, fresh, cache, w, block_dim, grid_dim, vector_width, max_pa
 @torch.library.register_fake("harmonica::_simulate_cuda_gated_merge")
 def _(x, gate, branch_active, index, cache, block_dim, grid_dim, vector_width, max_packs=0):
     return _like_hidden(x)
+
+
+@torch.library.register_fake("harmonica::_simulate_cuda_forecast_read")
+def _(x, gate, slots, coeffs, block_dim, grid_dim, vector_width, max_packs=0):
+    return _like_hidden(x)
+
+
+@torch.library.register_fake("harmonica::_simulate_cuda_forecast_read_")
+def _(x, gate, slots, coeffs, block_dim, grid_dim, vector_width, max_packs=0):
+    return None
+
+
+@torch.library.register_fake("harmonica::_simulate_cuda_forecast_update")
+def _(x, gate, fresh, slots, inv, block_dim, grid_dim, vector_width, max_packs=0):
+    return _like_hidden(x)
+
+
+@torch.library.register_fake("harmonica::_simulate_cuda_forecast_update_")
+def _(x, gate, fresh, slots, inv, block_dim, grid_dim, vector_width, max_packs=0):
+    return None
 
 
 # ---- autograd for blend -------------------------------------------------------------------------

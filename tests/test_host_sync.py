@@ -128,6 +128,11 @@ def _op_calls():
         "gather_rows": lambda: ops.gather_rows(x, index),
         "gated_merge": lambda: ops.gated_merge(x, gate, branch[:2], index, cache.clone()),
         "gated_merge_": lambda: ops.gated_merge_(x.clone(), gate, branch[:2], index, cache.clone()),
+        # Coefficients and inverse distances are plan constants (Python floats): no tensor is made of them.
+        "forecast_read": lambda: ops.forecast_read(x, gate, [cache, branch], (1.0, -2.5)),
+        "forecast_read_": lambda: ops.forecast_read_(x.clone(), gate, [cache, branch, x], (1.0, -2.5, 7.0)),
+        "forecast_update": lambda: ops.forecast_update(x, gate, branch, [cache.clone(), torch.zeros_like(x)], (0.5,)),
+        "forecast_update_": lambda: ops.forecast_update_(x.clone(), gate, branch, [cache.clone()], ()),
     }
 
 
@@ -138,7 +143,7 @@ def test_ops_do_not_synchronise(name):
         call()
 
 
-def test_blend_forward_and_backward_do_not_synchronise():
+def test_forward_and_backward_do_not_synchronise():
     g = torch.Generator().manual_seed(1)
     x, fresh, cache = (torch.randn(2, 5, 8, generator=g, requires_grad=True) for _ in range(3))
     gate = torch.randn(2, 8, generator=g, requires_grad=True)
@@ -146,6 +151,8 @@ def test_blend_forward_and_backward_do_not_synchronise():
     with no_host_sync():
         ops.blend(x, gate, fresh, cache.detach(), w).square().sum().backward()
         ops.cache_write(x, gate, fresh, torch.empty(2, 5, 8)).sum().backward()
+        ops.forecast_update(x, gate, fresh, [torch.zeros(2, 5, 8), torch.zeros(2, 5, 8)], (0.5,)).sum().backward()
+        ops.forecast_read(x, gate, [cache.detach(), fresh.detach()], (1.0, -0.5)).sum().backward()
 
 
 # ---------------------------------------------------------------------------------------------------

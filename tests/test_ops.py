@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import zlib
 
 import pytest
@@ -80,11 +81,13 @@ def assert_close(actual, expected):
     torch.testing.assert_close(actual, expected, **TOLERANCES[expected.dtype])
 
 
-def assert_reduction_close(actual, expected, absolute_mass, dtype):
-    """Gradients that are sums over tokens (and channels): float32 accumulation in a different order
-    than the float64 reference adds up to ~sqrt(terms) float32 roundings of the summed magnitude
-    (absolute_mass = sum of |term|), then one rounding to the output dtype (rtol)."""
-    terms_bound = 8 * torch.finfo(torch.float32).eps * absolute_mass
+def assert_reduction_close(actual, expected, absolute_mass, dtype, ulps=8):
+    """Sums of float32 terms computed in another order (or with fused multiply-adds) than the
+    reference: each side's roundings are at most half a float32 ulp of the summed magnitude
+    (absolute_mass = sum of |term|). Gradients summed over tokens (and channels) add up to
+    ~sqrt(terms) of them (ulps = 8); a short sum is bounded by its operation count. Then one rounding to
+    the output dtype (rtol)."""
+    terms_bound = ulps * torch.finfo(torch.float32).eps * absolute_mass
     tolerance = TOLERANCES[dtype]["rtol"] * expected.abs() + terms_bound + 1e-6
     error = (actual.double() - expected.double()).abs()
     assert bool((error <= tolerance).all()), f"max error {error.max().item():.3g}, max tolerance {tolerance.max().item():.3g}"
@@ -99,7 +102,7 @@ def random_index(batch, active, generator, device) -> torch.Tensor:
 
 
 ALL_OPS = ["cache_write", "cache_write_", "cache_read", "cache_read_", "blend", "blend_backward", "gather_rows",
-           "gated_merge", "gated_merge_"]
+           "gated_merge", "gated_merge_", "forecast_read", "forecast_read_", "forecast_update", "forecast_update_"]
 
 
 @pytest.mark.parametrize("name", ALL_OPS)
@@ -341,6 +344,11 @@ DIFFERENTIABLE = {  # name -> (op applied to (x, gate, branch, cache, rows), inp
     "gather_rows": (lambda x, gate, branch, cache, rows: ops.gather_rows(x, rows), ("x",)),
     "gated_merge": (lambda x, gate, branch, cache, rows: ops.gated_merge(x, gate, branch[rows], rows, cache),
                     ("x", "gate", "branch")),
+    "forecast_read": (lambda x, gate, branch, cache, rows: ops.forecast_read(x, gate, [cache, cache.flip(0)],
+                                                                             (1.0, -0.75)), ("x", "gate")),
+    "forecast_update": (lambda x, gate, branch, cache, rows: ops.forecast_update(x, gate, branch,
+                                                                                 [cache, torch.zeros_like(cache)],
+                                                                                 (0.5,)), ("x", "gate", "branch")),
 }
 
 
@@ -360,7 +368,7 @@ def test_gradcheck_float64(name, shape, gate_form):
     assert torch.autograd.gradcheck(op, (x, gate, branch), eps=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["cache_write", "gated_merge"])
+@pytest.mark.parametrize("name", ["cache_write", "gated_merge", "forecast_update"])
 def test_differentiable_slot_writers_match_reference_and_detach_the_slot(name):
     fn, _ = DIFFERENTIABLE[name]
     x, gate, branch, cache, rows = _grad_case((4, 3, 6), "2d", name)
@@ -368,15 +376,19 @@ def test_differentiable_slot_writers_match_reference_and_detach_the_slot(name):
     slot, expected_slot = cache.clone(), cache.clone()
     out = fn(x, gate, branch, slot, rows)
     x_, gate_, branch_ = x.detach(), gate.detach(), branch.detach()
-    expected = (reference.cache_write(x_, gate_, branch_, expected_slot) if name == "cache_write"
-                else reference.gated_merge(x_, gate_, branch_[rows], rows, expected_slot))
+    expected = {
+        "cache_write": lambda: reference.cache_write(x_, gate_, branch_, expected_slot),
+        "gated_merge": lambda: reference.gated_merge(x_, gate_, branch_[rows], rows, expected_slot),
+        "forecast_update": lambda: reference.forecast_update(x_, gate_, branch_,
+                                                             [expected_slot, torch.zeros_like(cache)], (0.5,)),
+    }[name]()
     assert_close(out.detach(), expected)
     assert torch.equal(slot, expected_slot) and not slot.requires_grad
     out.sum().backward()  # the slot write is not part of the graph: backward runs after it
     assert x.grad is not None and gate.grad is not None and branch.grad is not None
 
 
-@pytest.mark.parametrize("name", ["cache_write", "cache_read", "gather_rows", "gated_merge"])
+@pytest.mark.parametrize("name", list(DIFFERENTIABLE))
 def test_opcheck_with_inputs_that_require_grad(name):
     fn, differentiable = DIFFERENTIABLE[name]
     case = _grad_case((3, 5, 12), "2d", name)
@@ -389,6 +401,8 @@ def test_opcheck_with_inputs_that_require_grad(name):
         "cache_read": (x, gate, cache),
         "gather_rows": (x, rows),
         "gated_merge": (x, gate, branch[rows].detach().requires_grad_(), rows, cache),
+        "forecast_read": (x, gate, [cache, cache.flip(0)], [1.0, -0.75]),
+        "forecast_update": (x, gate, branch, [cache, torch.zeros_like(cache)], [0.5]),
     }[name]
     torch.library.opcheck(getattr(torch.ops.harmonica, name).default, op_args)
 
@@ -414,6 +428,28 @@ def test_in_place_ops_refuse_inputs_that_require_grad_and_change_nothing(name, a
         getattr(ops, name)(**args)
 
 
+@pytest.mark.parametrize("name,argument", [("forecast_read_", "gate"), ("forecast_read_", "x"),
+                                           ("forecast_update_", "fresh"), ("forecast_update_", "gate")])
+def test_in_place_forecast_ops_refuse_inputs_that_require_grad_and_change_nothing(name, argument):
+    x, gate, fresh, cache, _ = _grad_case((3, 2, 5), "2d", name)
+    slots = [cache, cache.flip(0).contiguous()]
+    args = dict(x=x, gate=gate, fresh=fresh)
+    args[argument] = args[argument].clone().requires_grad_() * 1  # a non-leaf, as inside a model
+
+    def call():
+        if name == "forecast_read_":
+            return ops.forecast_read_(args["x"], args["gate"], slots, (1.0, 2.0))
+        return ops.forecast_update_(args["x"], args["gate"], args["fresh"], slots, (0.5,))
+
+    before = [t.detach().clone() for t in (args["x"], *slots)]
+    with pytest.raises(RuntimeError, match=rf"harmonica.{name}: `{argument}` requires grad.*harmonica.ops.{name[:-1]}"):
+        call()
+    for tensor, saved in zip((args["x"], *slots), before):
+        assert torch.equal(tensor.detach(), saved)
+    with torch.no_grad():  # the same call is fine without autograd
+        call()
+
+
 def test_in_place_ops_mark_what_they_write_for_autograd():
     # A tensor saved for a backward pass and then overwritten by an in-place op must make that
     # backward fail, as after any in-place ATen op, instead of using the new values.
@@ -422,6 +458,15 @@ def test_in_place_ops_mark_what_they_write_for_autograd():
     saved = {"x": x * weight, "cache": cache * weight}  # each product saves its tensor for d/dweight
     with torch.no_grad():
         ops.cache_write_(x, gate, branch, cache)
+    for name, product in saved.items():
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            product.sum().backward()
+    # forecast_update_ writes x and every slot of its table.
+    x, gate, branch, cache, _ = _grad_case((2, 3, 4), "2d", "version_forecast")
+    slots = [cache, torch.zeros_like(cache)]
+    saved = {"x": x * weight, "slots[0]": slots[0] * weight, "slots[1]": slots[1] * weight}
+    with torch.no_grad():
+        ops.forecast_update_(x, gate, branch, slots, (0.5,))
     for name, product in saved.items():
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             product.sum().backward()
@@ -525,6 +570,202 @@ def test_gated_merge_with_all_samples_active_equals_cache_write():
 
 
 # ---------------------------------------------------------------------------------------------------
+# forecast_read / forecast_update: a unit's Newton divided differences (harmonica/cache/forecast.py)
+
+ORDERS = [0, 1, 2, 3, 4]
+# Newton coefficients (1, then products of distances to earlier computes) and inverse distances:
+# negative (coordinates that decrease, like timesteps) and above and below 1 in magnitude. A plan's
+# large ones are in test_forecast_ops_follow_a_plan_on_timestep_coordinates.
+COEFFS = (1.0, -3.5, 12.25, -42.875, 150.0625)
+INV = (0.5, -1 / 3, 2.5, -0.125)
+
+
+def assert_forecast_close(out, x, gate, slots, coeffs):
+    """forecast_read's result against the reference, to float32 rounding of the terms' magnitude: a
+    forecast of n terms is 2n + 1 float32 operations on either side (products, sums, the gated add)."""
+    expected = reference.forecast_read(x, gate, slots, coeffs)
+    B, _, D = x.shape
+    terms = sum(abs(c) * s.double().abs() for c, s in zip(coeffs, slots))
+    mass = x.double().abs() + gate.double().reshape(B, 1, D).abs() * terms
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_reduction_close(out, expected, mass, expected.dtype, ulps=2 * len(coeffs) + 1)
+
+
+def assert_forecast_update_matches(out, slots_after, x, gate, fresh, slots_before, inv):
+    """forecast_update's output and slots against the reference run on copies of the slots before."""
+    expected_slots = [slot.clone() for slot in slots_before]
+    expected = reference.forecast_update(x, gate, fresh, expected_slots, inv)
+    assert_close(out, expected)
+    # (new - old) * inv has no fused form: kernels and reference round the same operations, so the
+    # tables agree bit for bit, and a forecast from them is off by its own rounding only.
+    for got, want in zip(slots_after, expected_slots):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_forecast_read(shape, dtype, layout, order, device):
+    g = make_generator("forecast_read", shape, dtype, layout, order)
+    x = hidden(shape, dtype, device, layout, g)
+    gate = adaln_gate(shape, dtype, device, layout, GATE_FORMS[order % 2], g)
+    slots = [hidden(shape, dtype, device, layout, g) for _ in range(order + 1)]
+    before = [t.clone() for t in (x, *slots)]
+
+    out = ops.forecast_read(x, gate, slots, COEFFS[: order + 1])
+
+    assert out.is_contiguous()
+    assert_forecast_close(out, x, gate, slots, COEFFS[: order + 1])
+    for tensor, saved in zip((x, *slots), before):
+        torch.testing.assert_close(tensor, saved, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_forecast_read_inplace(shape, dtype, order, device):
+    g = make_generator("forecast_read_", shape, dtype, order)
+    x = hidden(shape, dtype, device, "contiguous", g)
+    gate = adaln_gate(shape, dtype, device, "strided", "3d", g)
+    slots = [hidden(shape, dtype, device, "strided", g) for _ in range(order + 1)]
+    x_before = x.clone()
+
+    returned = ops.forecast_read_(x, gate, slots, COEFFS[: order + 1])
+
+    assert returned.data_ptr() == x.data_ptr()
+    assert_forecast_close(x, x_before, gate, slots, COEFFS[: order + 1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_forecast_update(shape, dtype, layout, order, device):
+    g = make_generator("forecast_update", shape, dtype, layout, order)
+    x, fresh = hidden(shape, dtype, device, layout, g), hidden(shape, dtype, device, layout, g)
+    gate = adaln_gate(shape, dtype, device, layout, GATE_FORMS[order % 2], g)
+    slots = [hidden(shape, dtype, device, "contiguous", g) for _ in range(order + 1)]  # written: contiguous
+    slots_before, x_before = [slot.clone() for slot in slots], x.clone()
+
+    out = ops.forecast_update(x, gate, fresh, slots, INV[:order])
+
+    assert out.is_contiguous() and out.shape == shape
+    assert_forecast_update_matches(out, slots, x, gate, fresh, slots_before, INV[:order])
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_forecast_update_inplace(shape, dtype, order, device):
+    g = make_generator("forecast_update_", shape, dtype, order)
+    x, fresh = hidden(shape, dtype, device, "contiguous", g), hidden(shape, dtype, device, "strided", g)
+    gate = adaln_gate(shape, dtype, device, "strided", "2d", g)
+    slots = [hidden(shape, dtype, device, "contiguous", g) for _ in range(order + 1)]
+    slots_before, x_before = [slot.clone() for slot in slots], x.clone()
+
+    returned = ops.forecast_update_(x, gate, fresh, slots, INV[:order])
+
+    assert returned.data_ptr() == x.data_ptr()
+    assert_forecast_update_matches(x, slots, x_before, gate, fresh, slots_before, INV[:order])
+
+
+def test_forecast_ops_of_one_slot_are_cache_read_and_cache_write():
+    g = make_generator("forecast_order0")
+    x, fresh, slot = (torch.randn(3, 5, 24, generator=g) for _ in range(3))
+    gate = torch.randn(3, 24, generator=g)
+    torch.testing.assert_close(ops.forecast_read(x, gate, [slot], (1.0,)), ops.cache_read(x, gate, slot), rtol=0,
+                               atol=0)
+    forecast_slot, cache_slot = slot.clone(), slot.clone()
+    torch.testing.assert_close(ops.forecast_update(x, gate, fresh, [forecast_slot], ()),
+                               ops.cache_write(x, gate, fresh, cache_slot), rtol=0, atol=0)
+    torch.testing.assert_close(forecast_slot, cache_slot, rtol=0, atol=0)
+
+
+def test_forecast_read_reads_only_the_slots_it_has_coefficients_for():
+    # A unit's table may hold more orders than this step's forecast uses (a later step needs them).
+    g = make_generator("forecast_fewer")
+    x, d0, d1 = (torch.randn(2, 3, 16, generator=g) for _ in range(3))
+    gate = torch.randn(2, 16, generator=g)
+    unused = torch.full_like(x, float("nan"))
+    out = ops.forecast_read(x, gate, [d0, d1, unused], (1.0, 0.5))
+    assert_forecast_close(out, x, gate, [d0, d1], (1.0, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_forecast_ops_follow_a_plan_on_timestep_coordinates(dtype):
+    # A unit computed at 5 steps, then forecast at order 4 on DDIM-like timestep coordinates: the plan's
+    # coefficients reach ~1e8 and its inverse distances ~1e-2, all negative or alternating. The ops and
+    # the reference, fed the same branch outputs, keep identical tables and serve the same forecasts.
+    from harmonica.cache.forecast import Forecast, Update, unit_plan
+
+    coords = [999.0 - 50.0 * t - 0.5 * t * t for t in range(8)]
+    actions = unit_plan([True] * 5 + [False] * 3, [4] * 8, coords)
+    g = make_generator("forecast_plan", dtype)
+    shape = (2, 7, 40)
+    gate = torch.randn(2, 40, generator=g).to(dtype)
+    table = [torch.zeros(shape, dtype=dtype) for _ in range(5)]
+    expected_table = [t.clone() for t in table]
+    forecasts = 0
+    for step, action in enumerate(actions):
+        x = torch.randn(shape, generator=g).to(dtype)
+        if isinstance(action, Update):
+            fresh = (torch.randn(shape, generator=g) + 0.01 * step * step).to(dtype)
+            out = ops.forecast_update(x, gate, fresh, table[: action.keep + 1], action.inv)
+            expected = reference.forecast_update(x, gate, fresh, expected_table[: action.keep + 1], action.inv)
+            assert_close(out, expected)
+            for got, want in zip(table, expected_table):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+        else:
+            assert isinstance(action, Forecast) and len(action.coeffs) == 5 and max(map(abs, action.coeffs)) > 1e7
+            assert_forecast_close(ops.forecast_read(x, gate, table, action.coeffs), x, gate, table, action.coeffs)
+            forecasts += 1
+    assert forecasts == 3
+
+
+def test_forecast_ops_promote_mixed_dtypes_and_write_slots_of_the_result_dtype():
+    g = make_generator("forecast_promote")
+    x, fresh = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g).bfloat16()
+    gate = torch.randn(2, 16, generator=g).half()
+    slots = [torch.randn(2, 3, 16, generator=g).bfloat16(), torch.randn(2, 3, 16, generator=g)]
+    promoted = [s.float() for s in slots]
+    assert_forecast_close(ops.forecast_read(x, gate, slots, (1.0, -2.0)), x, gate.float(), promoted, (1.0, -2.0))
+    written, before = [s.clone() for s in promoted], [s.clone() for s in promoted]
+    out = ops.forecast_update(x, gate, fresh, written, (0.5,))
+    assert_forecast_update_matches(out, written, x, gate.float(), fresh.float(), before, (0.5,))
+    with pytest.raises(RuntimeError, match=r"`slots\[1\]` has dtype BFloat16 but `x` has dtype Float"):
+        ops.forecast_update(x, gate, fresh, [promoted[0], slots[0]], (0.5,))
+    with pytest.raises(ValueError, match=r"result has dtype torch.float32 .* has dtype torch.bfloat16; use the "
+                                         r"out-of-place forecast_read"):
+        ops.forecast_read_(x.bfloat16(), gate, slots, (1.0, -2.0))
+
+
+def test_forecast_ops_compile_without_graph_breaks():
+    # The slot list is mutated in place (Tensor(a!)[]): functionalization must write it back.
+    g = make_generator("forecast_compile")
+    x, fresh = torch.randn(2, 4, 16, generator=g), torch.randn(2, 4, 16, generator=g)
+    gate = torch.randn(2, 16, generator=g)
+
+    def step(x, slots):
+        y = ops.forecast_update_(x.clone(), gate, fresh, slots, (0.5, -2.0))
+        return ops.forecast_read(y, gate, slots, (1.0, 0.25, -0.125))
+
+    eager_slots = [torch.randn(2, 4, 16, generator=g) for _ in range(3)]
+    compiled_slots = [s.clone() for s in eager_slots]
+    expected = step(x, eager_slots)
+    torch._dynamo.reset()
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(x, compiled_slots)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for a, b in zip(compiled_slots, eager_slots):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Large targets: the CPU kernels write cache slots and out-of-place outputs above a quarter of the
 # last-level cache with non-temporal stores (slots: whole rows; float32/float64 outputs: full chunks
 # of 32-byte aligned rows, other rows and row tails as usual; half types: normal stores)
@@ -568,6 +809,27 @@ def test_tensors_beyond_a_quarter_of_the_llc_are_streamed_correctly(op, dtype, D
     assert out.nbytes > LLC_BYTES // 4
     assert_close(out, expected)
     torch.testing.assert_close(cache, expected_cache, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("D", [1152, 1151])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+def test_forecast_tensors_beyond_a_quarter_of_the_llc_are_streamed_correctly(dtype, D):
+    # forecast_update streams its slots (every row whose slot rows are all 32-byte aligned) and its
+    # out-of-place output; forecast_read its output.
+    B = 2
+    shape = (B, LLC_BYTES // 4 // (B * D * dtype.itemsize) + 1, D)
+    g = make_generator("forecast_streamed", dtype, D)
+    x, fresh = hidden(shape, dtype, "cpu", "contiguous", g), hidden(shape, dtype, "cpu", "contiguous", g)
+    gate = adaln_gate(shape, dtype, "cpu", "contiguous", "2d", g)
+    slots = [hidden(shape, dtype, "cpu", "contiguous", g) for _ in range(3)]
+    assert x.nbytes > LLC_BYTES // 4
+    assert_forecast_close(ops.forecast_read(x, gate, slots, COEFFS[:3]), x, gate, slots, COEFFS[:3])
+    written = [slot.clone() for slot in slots]
+    out = ops.forecast_update(x, gate, fresh, written, INV[:2])
+    assert_forecast_update_matches(out, written, x, gate, fresh, slots, INV[:2])
+    x_in_place, written_in_place = x.clone(), [slot.clone() for slot in slots]
+    ops.forecast_update_(x_in_place, gate, fresh, written_in_place, INV[:2])
+    assert_forecast_update_matches(x_in_place, written_in_place, x, gate, fresh, slots, INV[:2])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -780,6 +1042,70 @@ def test_simulated_cuda_gated_merge_refreshes_every_slot_beyond_one_grid():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("shape,dtype,width,launch", sim_cases())
+def test_simulated_cuda_forecast_read_and_update(shape, dtype, width, launch):
+    # Every order through the one kernel per op (its slot loops are guarded by the runtime count).
+    g = make_generator("sim_forecast", shape, dtype)
+    x, fresh = hidden(shape, dtype, "cpu", "contiguous", g), hidden(shape, dtype, "cpu", "contiguous", g)
+    gate = adaln_gate(shape, dtype, "cpu", "strided", "2d", g)
+    for order in ORDERS:
+        slots = [hidden(shape, dtype, "cpu", "contiguous", g) for _ in range(order + 1)]
+        coeffs, inv = list(COEFFS[: order + 1]), list(INV[:order])
+        read = sim._simulate_cuda_forecast_read(x, gate, slots, coeffs, launch[0], launch[1], width)
+        assert_forecast_close(read, x, gate, slots, coeffs)
+        x_read = x.clone()
+        sim._simulate_cuda_forecast_read_(x_read, gate, slots, coeffs, launch[0], launch[1], width)
+        torch.testing.assert_close(x_read, read, rtol=0, atol=0)
+        written = [slot.clone() for slot in slots]
+        out = sim._simulate_cuda_forecast_update(x, gate, fresh, written, inv, launch[0], launch[1], width)
+        assert_forecast_update_matches(out, written, x, gate, fresh, slots, inv)
+        x_written, written_in_place = x.clone(), [slot.clone() for slot in slots]
+        sim._simulate_cuda_forecast_update_(x_written, gate, fresh, written_in_place, inv, launch[0], launch[1], width)
+        torch.testing.assert_close(x_written, out, rtol=0, atol=0)
+        for a, b in zip(written_in_place, written):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("offset_bytes", [2, 4, 8])
+def test_simulated_cuda_forecast_packs_fit_every_slot(dtype, offset_bytes):
+    # x, gate and the first slots aligned, only the last slot misaligned: the pack must fit it too.
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if offset_bytes % itemsize:
+        pytest.skip("offset is not a whole element")
+    shape, allowed = (2, 4, 64), offset_bytes // itemsize
+    g = make_generator("forecast_misaligned", dtype, offset_bytes)
+    x, fresh = hidden(shape, dtype, "cpu", "contiguous", g), hidden(shape, dtype, "cpu", "contiguous", g)
+    gate = adaln_gate(shape, dtype, "cpu", "contiguous", "2d", g)
+    slots = [hidden(shape, dtype, "cpu", "contiguous", g), offset_view(shape, dtype, allowed, g)]
+    for width in (0, allowed):
+        assert_forecast_close(sim._simulate_cuda_forecast_read(x, gate, slots, [1.0, -2.0], 64, 0, width), x, gate,
+                              slots, (1.0, -2.0))
+        written = [slot.clone() for slot in slots[:1]] + [offset_view(shape, dtype, allowed, g)]
+        before = [slot.clone() for slot in written]
+        out = sim._simulate_cuda_forecast_update(x, gate, fresh, written, [0.5], 64, 0, width)
+        assert_forecast_update_matches(out, written, x, gate, fresh, before, (0.5,))
+    with pytest.raises(RuntimeError, match="needs .*-byte aligned pointers"):
+        sim._simulate_cuda_forecast_read(x, gate, slots, [1.0, -2.0], 64, 0, 2 * allowed)
+    with pytest.raises(RuntimeError, match="needs .*-byte aligned pointers"):
+        sim._simulate_cuda_forecast_update(x, gate, fresh, written, [0.5], 64, 0, 2 * allowed)
+
+
+@pytest.mark.parametrize("max_packs", [6, 7, 25])
+def test_simulated_cuda_forecast_splits_large_launches_by_samples(max_packs):
+    # As test_simulated_cuda_splits_large_launches_by_samples: every slot pointer offset per launch.
+    shape = (5, 2, 12)
+    g = make_generator("forecast_split", max_packs)
+    x, fresh = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    gate = adaln_gate(shape, torch.float32, "cpu", "strided", "2d", g)
+    slots = [torch.randn(*shape, generator=g) for _ in range(3)]
+    assert_forecast_close(sim._simulate_cuda_forecast_read(x, gate, slots, list(COEFFS[:3]), 32, 0, 0, max_packs),
+                          x, gate, slots, COEFFS[:3])
+    written = [slot.clone() for slot in slots]
+    out = sim._simulate_cuda_forecast_update(x, gate, fresh, written, list(INV[:2]), 32, 0, 0, max_packs)
+    assert_forecast_update_matches(out, written, x, gate, fresh, slots, INV[:2])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Aliasing: a tensor an op writes shares no memory with another argument (refused on every device;
 # with an overlap the CPU kernels and the GPU read and write elements in different orders)
@@ -814,11 +1140,31 @@ def _aliasing_cases():
          ("cache", "branch_active")),
         ("gated_merge_ branch is x", lambda m, x=fresh(): m.gated_merge_(x, gate, x[1:], index, fresh()),
          ("x", "branch_active")),
+        ("forecast_read_ slot is x", lambda m, x=fresh(): m.forecast_read_(x, gate, [fresh(), x], (1.0, 0.5)),
+         ("x", "slots[1]")),
+        ("forecast_read_ gate in x", lambda m: m.forecast_read_(x_for_gate, x_for_gate[:, 1], [fresh()], (1.0,)),
+         ("x", "gate")),
+        ("forecast_update slot is x", lambda m, x=fresh(): m.forecast_update(x, gate, fresh(), [x, fresh()], (0.5,)),
+         ("slots[0]", "x")),
+        ("forecast_update_ slot is x", lambda m, x=fresh(): m.forecast_update_(x, gate, fresh(), [fresh(), x], (0.5,)),
+         ("slots[1]", "x")),
+        ("forecast_update slot is fresh", lambda m, f=fresh(): m.forecast_update(fresh(), gate, f, [f, fresh()], (0.5,)),
+         ("slots[0]", "fresh")),
+        ("forecast_update gate in slot", lambda m, s=fresh(): m.forecast_update(fresh(), s[:, 0], fresh(), [s], ()),
+         ("slots[0]", "gate")),
+        ("forecast_update two slots are one",
+         lambda m, s=fresh(): m.forecast_update(fresh(), gate, fresh(), [s, fresh(), s], (0.5, 2.0)),
+         ("slots[0]", "slots[2]")),
+        ("forecast_update slots overlap",
+         lambda m: m.forecast_update(fresh(), gate, fresh(), [fresh(), slot_view, branch_view], (0.5, 2.0)),
+         ("slots[1]", "slots[2]")),
+        ("forecast_update_ fresh is x", lambda m, x=fresh(): m.forecast_update_(x, gate, x, [fresh()], ()),
+         ("x", "fresh")),
     ]
 
 
 class simulated:
-    """The slot-writing ops' signatures over the simulated CUDA launchers."""
+    """The writing ops' signatures over the simulated CUDA launchers."""
 
     @staticmethod
     def cache_write(x, gate, branch, cache):
@@ -840,17 +1186,29 @@ class simulated:
     def gated_merge_(x, gate, branch_active, index, cache):
         sim._simulate_cuda_gated_merge_(x, gate, branch_active, index, cache, 32, 0, 0)
 
+    @staticmethod
+    def forecast_read_(x, gate, slots, coeffs):
+        sim._simulate_cuda_forecast_read_(x, gate, slots, list(coeffs), 32, 0, 0)
+
+    @staticmethod
+    def forecast_update(x, gate, fresh, slots, inv):
+        return sim._simulate_cuda_forecast_update(x, gate, fresh, slots, list(inv), 32, 0, 0)
+
+    @staticmethod
+    def forecast_update_(x, gate, fresh, slots, inv):
+        sim._simulate_cuda_forecast_update_(x, gate, fresh, slots, list(inv), 32, 0, 0)
+
 
 @pytest.mark.parametrize("name,call,names", _aliasing_cases(), ids=lambda v: v if isinstance(v, str) else "")
 def test_writes_into_memory_another_argument_uses_are_refused(name, call, names):
-    written, other = names
+    written, other = map(re.escape, names)
     with pytest.raises(RuntimeError, match=rf"`{written}` is written by this op and shares memory with `{other}`"):
         call(ops)
 
 
 @pytest.mark.parametrize("name,call,names", _aliasing_cases(), ids=lambda v: v if isinstance(v, str) else "")
 def test_simulated_cuda_refuses_the_same_aliasing(name, call, names):
-    written, other = names
+    written, other = map(re.escape, names)
     with pytest.raises(RuntimeError, match=rf"`{written}` is written by this op and shares memory with `{other}`"):
         call(simulated)
 
@@ -892,6 +1250,13 @@ def _opcheck_cases():
         pytest.param("gather_rows", (x, index), id="gather_rows"),
         pytest.param("gated_merge", (x, gate, active, index, cache.clone()), id="gated_merge"),
         pytest.param("gated_merge_", (x.clone(), gate, active, index, cache.clone()), id="gated_merge_"),
+        pytest.param("forecast_read", (x, gate, [cache, branch, x], [1.0, -0.5, 2.0]), id="forecast_read"),
+        pytest.param("forecast_read_", (x.clone(), gate.unsqueeze(1), [cache, branch], [1.0, 3.0]),
+                     id="forecast_read_"),
+        pytest.param("forecast_update", (x, gate, branch, [cache.clone(), 2 * cache, torch.zeros_like(x)], [0.5, -2.0]),
+                     id="forecast_update"),
+        pytest.param("forecast_update_", (x.clone(), gate, branch, [cache.clone(), torch.zeros_like(x)], [0.5]),
+                     id="forecast_update_"),
     ]
 
 
@@ -1010,6 +1375,51 @@ def test_error_branch_active_rows(tensors):
         ops.gated_merge(x, gate, torch.randn(2, 4, 8), torch.tensor([1]), cache)
 
 
+def _forecast_errors():
+    """(call(x, gate, fresh, slot), message): each refusal of a forecast op's table or factors."""
+    other = torch.randn(2, 4, 8)
+    direct = torch.ops.harmonica
+    return [
+        pytest.param(lambda x, gate, fresh, slot: direct.forecast_read(x, gate, [slot, other], [1.0]),
+                     r"`coeffs` has 1 entries for 2 slots; pass one coefficient per slot read \(2\)", id="coeffs_count"),
+        pytest.param(lambda x, gate, fresh, slot: direct.forecast_update(x, gate, fresh, [slot.clone()], [0.5]),
+                     r"`inv` has 1 entries for 1 slots; pass one inverse distance per order above 0", id="inv_count"),
+        pytest.param(lambda x, gate, fresh, slot: ops.forecast_read(x, gate, [slot] * 6, (1.0,) * 6),
+                     r"`slots` must hold 1 to 5 tensors \(divided differences of orders 0 to 4\), got 6",
+                     id="too_many_slots"),
+        pytest.param(lambda x, gate, fresh, slot: direct.forecast_read(x, gate, [], []),
+                     r"`slots` must hold 1 to 5 tensors", id="no_slots"),
+        pytest.param(lambda x, gate, fresh, slot: ops.forecast_update(x, gate, fresh, [slot, other], (math.inf,)),
+                     r"`inv\[0\]` = inf is not finite", id="inv_not_finite"),
+        pytest.param(lambda x, gate, fresh, slot: ops.forecast_read(x, gate, [slot, other], (1.0, math.nan)),
+                     r"`coeffs\[1\]` = nan is not finite", id="coeff_not_finite"),
+        pytest.param(lambda x, gate, fresh, slot: ops.forecast_read(x, gate, [slot, torch.randn(2, 4, 7)], (1.0, 2.0)),
+                     r"`slots\[1\]` must have the shape of `x` \[2, 4, 8\], got \[2, 4, 7\]", id="slot_shape"),
+        pytest.param(lambda x, gate, fresh, slot: ops.forecast_update(x, gate, fresh, [slot, other.half()], (0.5,)),
+                     r"`slots\[1\]` has dtype Half but `x` has dtype Float.*slots\[1\]\.to\(x\.dtype\)",
+                     id="written_slot_dtype"),
+        pytest.param(lambda x, gate, fresh, slot: ops.forecast_update(x, gate, fresh, [torch.empty(2, 4, 16)[..., ::2]],
+                                                                      ()),
+                     r"`slots\[0\]` is written in place and must be contiguous", id="written_slot_strided"),
+        pytest.param(lambda x, gate, fresh, slot: ops.forecast_update(x, gate, fresh, [slot, other], ()),
+                     r"harmonica.forecast_update: `inv` has 0 entries for 2 slots; pass 1, one per order above 0",
+                     id="wrapper_inv_count"),
+        pytest.param(lambda x, gate, fresh, slot: ops.forecast_read(x, gate, [slot], (1.0, 2.0)),
+                     r"harmonica.forecast_read: `coeffs` has 2 entries for 1 slots; pass 1 to 1", id="wrapper_coeffs"),
+        pytest.param(lambda x, gate, fresh, slot: ops.forecast_read(x, gate, slot, (1.0,)),
+                     r"`slots` must be a non-empty list of tensors", id="slots_not_a_list"),
+    ]
+
+
+@pytest.mark.parametrize("call,message", _forecast_errors())
+def test_error_forecast_tables(tensors, call, message):
+    x, gate, fresh, slot = tensors
+    before = slot.clone()
+    with pytest.raises(RuntimeError, match=message):
+        call(x, gate, fresh, slot)
+    torch.testing.assert_close(slot, before, rtol=0, atol=0)
+
+
 @requires_cuda
 def test_error_device_mismatch(tensors):
     x, gate, branch, cache = tensors
@@ -1065,6 +1475,11 @@ def test_cuda_every_pack_width(dtype, offset_bytes):
     written = ops.cache_write(x, gate, branch, slot)
     assert_close(written, reference.cache_write(x, gate, branch, torch.empty_like(slot)))
     torch.testing.assert_close(slot, branch, rtol=0, atol=0)
+    table = [cuda_offset_view(shape, dtype, k, g) for _ in range(3)]
+    assert_forecast_close(ops.forecast_read(x, gate, table, COEFFS[:3]), x, gate, table, COEFFS[:3])
+    before = [t.clone() for t in table]
+    out = ops.forecast_update(x, gate, branch, table, INV[:2])
+    assert_forecast_update_matches(out, table, x, gate, branch, before, INV[:2])
 
 
 @requires_cuda
@@ -1116,6 +1531,10 @@ def test_cuda_errors_that_need_no_sync_are_raised_at_the_call():
                         torch.zeros_like(x))
     with pytest.raises(RuntimeError, match=r"`cache` is written by this op and shares memory with `x`"):
         ops.cache_write_(x, gate, torch.ones_like(x), x)
+    with pytest.raises(RuntimeError, match=r"`slots\[0\]` is written by this op and shares memory with `slots\[1\]`"):
+        ops.forecast_update(x, gate, torch.ones_like(x), [x.clone()] * 2, (0.5,))
+    with pytest.raises(RuntimeError, match=r"`slots\[1\]` is on cpu but `x` is on cuda:0.*slots\[1\]\.to\(x\.device\)"):
+        ops.forecast_read(x, gate, [x, torch.zeros(2, 3, 8)], (1.0, 1.0))
 
 
 DEVICE_ASSERT_SCRIPT = """

@@ -1,11 +1,13 @@
 // CPU kernels: one pass over memory per op, at::vec::Vectorized over the channel dimension and
 // at::parallel_for over (sample, token) rows. half/bfloat16 are widened to float32 for the math.
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -220,15 +222,27 @@ bool stream_output(const at::Tensor& x, const at::Tensor& out) {
   return !out.is_same(x) && written_around_cache(out);
 }
 
-// Calls row_fn(std::true_type) for a row of a streamed output whose start is 32-byte aligned (what the
-// non-temporal vector stores need), row_fn(std::false_type) otherwise.
+// fn(std::true_type) or fn(std::false_type): a runtime flag as a compile-time one.
+template <typename Fn>
+HARMONICA_ALWAYS_INLINE void with_flag(bool flag, const Fn& fn) {
+  if (flag) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+// Whether full chunks of a written row can be non-temporal vector stores, which need a 32-byte
+// aligned row start.
+HARMONICA_ALWAYS_INLINE bool row_streams(bool stream, const void* row) {
+  return stream && reinterpret_cast<std::uintptr_t>(row) % 32 == 0;
+}
+
+// Calls row_fn(std::true_type) for a row of a streamed output whose start is 32-byte aligned,
+// row_fn(std::false_type) otherwise.
 template <typename RowFn>
 HARMONICA_ALWAYS_INLINE void with_row_streaming(bool stream_out, const void* row, const RowFn& row_fn) {
-  if (stream_out && reinterpret_cast<std::uintptr_t>(row) % 32 == 0) {
-    row_fn(std::true_type{});
-  } else {
-    row_fn(std::false_type{});
-  }
+  with_flag(row_streams(stream_out, row), row_fn);
 }
 
 // Asks for the cache line 2 KB ahead of `data` into L2. Applied to the operand that usually comes
@@ -547,6 +561,188 @@ void gated_merge_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, const 
   run_gated_merge(op, in, cache, x);
 }
 
+// ---- forecast_read / forecast_update -------------------------------------------------------------
+
+// The factors (coefficients or inverse distances) as vectors of the accumulation type; a float32
+// computation rounds them to float32 first, as ATen does with a Python scalar.
+template <typename acc_t, int kCount>
+std::array<Vectorized<acc_t>, kCount> factor_vectors(const std::vector<double>& factors) {
+  std::array<Vectorized<acc_t>, kCount> vectors;
+  for (int i = 0; i < kCount; ++i) {
+    vectors[i] = Vectorized<acc_t>(static_cast<acc_t>(factors[i]));
+  }
+  return vectors;
+}
+
+// out_row = x_row + gate_row * sum_i coeffs[i] * slot_rows[i] over one row.
+template <bool kStream, int kSlots, typename scalar_t>
+void forecast_read_row(const scalar_t* x, const at::opmath_type<scalar_t>* gate,
+                       const std::array<const scalar_t*, kSlots>& slots,
+                       const std::array<Vectorized<at::opmath_type<scalar_t>>, kSlots>& coeffs, scalar_t* out,
+                       int64_t hidden) {
+  using Pair = AccPair<scalar_t>;
+  using GatePair = AccPair<at::opmath_type<scalar_t>>;
+  using Vec = typename Pair::Vec;
+  for_each_chunk<Pair::kWidth>(hidden, [&](int64_t d, auto count) HARMONICA_INLINE_LAMBDA {
+    const Pair xv = Pair::load(x + d, count);
+    const GatePair gv = GatePair::load(gate + d, count);
+    Pair value{Vec(0), Vec(0)};
+    for (int i = 0; i < kSlots; ++i) {
+      prefetch_ahead(slots[i] + d);
+      const Pair sv = Pair::load(slots[i] + d, count);
+      value = Pair{forecast_term(value.lo, coeffs[i], sv.lo), forecast_term(value.hi, coeffs[i], sv.hi)};
+    }
+    store_chunk<kStream>(Pair{gated_residual(xv.lo, gv.lo, value.lo), gated_residual(xv.hi, gv.hi, value.hi)},
+                         out + d, count);
+  });
+}
+
+template <typename scalar_t, int kSlots>
+void forecast_read_kernel(const ForecastInputs& in, scalar_t* out, bool stream_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const HiddenShape s = in.shape;
+  const scalar_t* x = in.x.const_data_ptr<scalar_t>();
+  const at::Tensor gate_acc = gate_in_acc_type(in.gate);
+  const acc_t* gate = gate_acc.const_data_ptr<acc_t>();
+  const int64_t gate_stride = gate_acc.stride(0);
+  std::array<const scalar_t*, kSlots> slots;
+  for (int i = 0; i < kSlots; ++i) {
+    slots[i] = in.slots[i].const_data_ptr<scalar_t>();
+  }
+  const auto coeffs = factor_vectors<acc_t, kSlots>(in.factors);
+  at::parallel_for(0, s.batch * s.tokens, grain_rows(s.hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t offset = row * s.hidden;
+      std::array<const scalar_t*, kSlots> slot_rows;
+      for (int i = 0; i < kSlots; ++i) {
+        slot_rows[i] = slots[i] + offset;
+      }
+      with_row_streaming(stream_out, out + offset, [&](auto stream) {
+        forecast_read_row<decltype(stream)::value, kSlots>(x + offset, gate + (row / s.tokens) * gate_stride,
+                                                           slot_rows, coeffs, out + offset, s.hidden);
+      });
+    }
+    finish_streaming_stores();
+  });
+}
+
+// Calls kernel(scalar_t{}, std::integral_constant<int, slots>{}) for the dtype and table size of the
+// inputs (nothing for empty tensors).
+template <typename Kernel>
+void dispatch_forecast(const ForecastInputs& in, const Kernel& kernel) {
+  if (in.shape.numel() == 0) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "harmonica_forecast_cpu", [&] {
+    launch::with_slot_count(static_cast<int64_t>(in.slots.size()), [&](auto slots) { kernel(scalar_t{}, slots); });
+  });
+}
+
+void run_forecast_read(const ForecastInputs& in, const at::Tensor& out) {
+  dispatch_forecast(in, [&](auto zero, auto slots) {
+    using scalar_t = decltype(zero);
+    forecast_read_kernel<scalar_t, decltype(slots)::value>(in, out.mutable_data_ptr<scalar_t>(),
+                                                           stream_output(in.x, out));
+  });
+}
+
+// out_row = x_row + gate_row * fresh_row, and the slot rows refreshed: slot 0 takes fresh, slot i the
+// divided difference of the new and the old row of slot i - 1, each old row read before it is
+// overwritten (chunk by chunk), the chain kept in the accumulation type.
+template <bool kStreamOut, bool kStreamSlots, int kSlots, typename scalar_t>
+void forecast_update_row(const scalar_t* x, const at::opmath_type<scalar_t>* gate, const scalar_t* fresh,
+                         const std::array<scalar_t*, kSlots>& slots,
+                         const std::array<Vectorized<at::opmath_type<scalar_t>>, kSlots - 1>& inv, scalar_t* out,
+                         int64_t hidden) {
+  using Pair = AccPair<scalar_t>;
+  using GatePair = AccPair<at::opmath_type<scalar_t>>;
+  for_each_chunk<Pair::kWidth>(hidden, [&](int64_t d, auto count) HARMONICA_INLINE_LAMBDA {
+    const Pair xv = Pair::load(x + d, count);
+    const GatePair gv = GatePair::load(gate + d, count);
+    const Pair fv = Pair::load(fresh + d, count);
+    store_chunk<kStreamOut>(Pair{gated_residual(xv.lo, gv.lo, fv.lo), gated_residual(xv.hi, gv.hi, fv.hi)}, out + d,
+                            count);
+    Pair newer = fv;
+    for (int i = 0; i + 1 < kSlots; ++i) {
+      prefetch_ahead(slots[i] + d);
+      const Pair older = Pair::load(slots[i] + d, count);
+      store_chunk<kStreamSlots>(newer, slots[i] + d, count);
+      newer = Pair{divided_difference(newer.lo, older.lo, inv[i]), divided_difference(newer.hi, older.hi, inv[i])};
+    }
+    store_chunk<kStreamSlots>(newer, slots[kSlots - 1] + d, count);
+  });
+}
+
+template <typename scalar_t, int kSlots>
+void forecast_update_kernel(const ForecastInputs& in, scalar_t* out, bool stream_out, bool stream_slots) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const HiddenShape s = in.shape;
+  const scalar_t* x = in.x.const_data_ptr<scalar_t>();
+  const at::Tensor gate_acc = gate_in_acc_type(in.gate);
+  const acc_t* gate = gate_acc.const_data_ptr<acc_t>();
+  const int64_t gate_stride = gate_acc.stride(0);
+  const scalar_t* fresh = in.fresh.const_data_ptr<scalar_t>();
+  std::array<scalar_t*, kSlots> slots;
+  for (int i = 0; i < kSlots; ++i) {
+    slots[i] = in.slots[i].mutable_data_ptr<scalar_t>();
+  }
+  const auto inv = factor_vectors<acc_t, kSlots - 1>(in.factors);
+  at::parallel_for(0, s.batch * s.tokens, grain_rows(s.hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t offset = row * s.hidden;
+      std::array<scalar_t*, kSlots> slot_rows;
+      bool slots_stream = stream_slots;
+      for (int i = 0; i < kSlots; ++i) {
+        slot_rows[i] = slots[i] + offset;
+        slots_stream = row_streams(slots_stream, slot_rows[i]);
+      }
+      with_flag(row_streams(stream_out, out + offset), [&](auto stream_out_row) {
+        with_flag(slots_stream, [&](auto stream_slot_rows) {
+          forecast_update_row<decltype(stream_out_row)::value, decltype(stream_slot_rows)::value, kSlots>(
+              x + offset, gate + (row / s.tokens) * gate_stride, fresh + offset, slot_rows, inv, out + offset,
+              s.hidden);
+        });
+      });
+    }
+    finish_streaming_stores();
+  });
+}
+
+void run_forecast_update(const ForecastInputs& in, const at::Tensor& out) {
+  dispatch_forecast(in, [&](auto zero, auto slots) {
+    using scalar_t = decltype(zero);
+    forecast_update_kernel<scalar_t, decltype(slots)::value>(in, out.mutable_data_ptr<scalar_t>(),
+                                                             stream_output(in.x, out),
+                                                             written_around_cache(in.slots[0]));
+  });
+}
+
+at::Tensor forecast_read_cpu(const at::Tensor& x, const at::Tensor& gate, at::TensorList slots,
+                             at::ArrayRef<double> coeffs) {
+  const ForecastInputs in = prepare_forecast_read("harmonica.forecast_read", x, gate, slots, coeffs, false);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  run_forecast_read(in, out);
+  return out;
+}
+
+void forecast_read_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, at::TensorList slots,
+                               at::ArrayRef<double> coeffs) {
+  run_forecast_read(prepare_forecast_read("harmonica.forecast_read_", x, gate, slots, coeffs, true), x);
+}
+
+at::Tensor forecast_update_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh,
+                               at::TensorList slots, at::ArrayRef<double> inv) {
+  const ForecastInputs in = prepare_forecast_update("harmonica.forecast_update", x, gate, fresh, slots, inv, false);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  run_forecast_update(in, out);
+  return out;
+}
+
+void forecast_update_inplace_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh,
+                                 at::TensorList slots, at::ArrayRef<double> inv) {
+  run_forecast_update(prepare_forecast_update("harmonica.forecast_update_", x, gate, fresh, slots, inv, true), x);
+}
+
 }  // namespace
 }  // namespace harmonica
 
@@ -560,4 +756,8 @@ TORCH_LIBRARY_IMPL(harmonica, CPU, m) {
   m.impl("gather_rows", &harmonica::gather_rows_cpu);
   m.impl("gated_merge", &harmonica::gated_merge_cpu);
   m.impl("gated_merge_", &harmonica::gated_merge_inplace_cpu);
+  m.impl("forecast_read", &harmonica::forecast_read_cpu);
+  m.impl("forecast_read_", &harmonica::forecast_read_inplace_cpu);
+  m.impl("forecast_update", &harmonica::forecast_update_cpu);
+  m.impl("forecast_update_", &harmonica::forecast_update_inplace_cpu);
 }

@@ -125,6 +125,46 @@ void simulate_gated_merge_inplace(const at::Tensor& x, const at::Tensor& gate, c
   launch::gated_merge(simulated(op, block_dim, grid_dim, vector_width, max_packs), op, in, cache, x);
 }
 
+at::Tensor simulate_forecast_read(const at::Tensor& x, const at::Tensor& gate, at::TensorList slots,
+                                  at::ArrayRef<double> coeffs, int64_t block_dim, int64_t grid_dim,
+                                  int64_t vector_width, int64_t max_packs) {
+  const char* op = "harmonica._simulate_cuda_forecast_read";
+  const ForecastInputs in = prepare_forecast_read(op, x, gate, slots, coeffs, false);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  launch::forecast<cuda_body::ForecastReadBody, false>(simulated(op, block_dim, grid_dim, vector_width, max_packs),
+                                                       op, in, out);
+  return out;
+}
+
+void simulate_forecast_read_inplace(const at::Tensor& x, const at::Tensor& gate, at::TensorList slots,
+                                    at::ArrayRef<double> coeffs, int64_t block_dim, int64_t grid_dim,
+                                    int64_t vector_width, int64_t max_packs) {
+  const char* op = "harmonica._simulate_cuda_forecast_read_";
+  const ForecastInputs in = prepare_forecast_read(op, x, gate, slots, coeffs, true);
+  launch::forecast<cuda_body::ForecastReadBody, false>(simulated(op, block_dim, grid_dim, vector_width, max_packs),
+                                                       op, in, x);
+}
+
+at::Tensor simulate_forecast_update(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh,
+                                    at::TensorList slots, at::ArrayRef<double> inv, int64_t block_dim,
+                                    int64_t grid_dim, int64_t vector_width, int64_t max_packs) {
+  const char* op = "harmonica._simulate_cuda_forecast_update";
+  const ForecastInputs in = prepare_forecast_update(op, x, gate, fresh, slots, inv, false);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  launch::forecast<cuda_body::ForecastUpdateBody, true>(simulated(op, block_dim, grid_dim, vector_width, max_packs),
+                                                        op, in, out);
+  return out;
+}
+
+void simulate_forecast_update_inplace(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh,
+                                      at::TensorList slots, at::ArrayRef<double> inv, int64_t block_dim,
+                                      int64_t grid_dim, int64_t vector_width, int64_t max_packs) {
+  const char* op = "harmonica._simulate_cuda_forecast_update_";
+  const ForecastInputs in = prepare_forecast_update(op, x, gate, fresh, slots, inv, true);
+  launch::forecast<cuda_body::ForecastUpdateBody, true>(simulated(op, block_dim, grid_dim, vector_width, max_packs),
+                                                        op, in, x);
+}
+
 }  // namespace
 }  // namespace harmonica
 
@@ -137,4 +177,8 @@ TORCH_LIBRARY_IMPL(harmonica, CPU, m) {
   m.impl("_simulate_cuda_blend_backward", &harmonica::simulate_blend_backward);
   m.impl("_simulate_cuda_gated_merge", &harmonica::simulate_gated_merge);
   m.impl("_simulate_cuda_gated_merge_", &harmonica::simulate_gated_merge_inplace);
+  m.impl("_simulate_cuda_forecast_read", &harmonica::simulate_forecast_read);
+  m.impl("_simulate_cuda_forecast_read_", &harmonica::simulate_forecast_read_inplace);
+  m.impl("_simulate_cuda_forecast_update", &harmonica::simulate_forecast_update);
+  m.impl("_simulate_cuda_forecast_update_", &harmonica::simulate_forecast_update_inplace);
 }

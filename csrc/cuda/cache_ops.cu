@@ -149,6 +149,42 @@ void gated_merge_inplace_cuda(const at::Tensor& x, const at::Tensor& gate, const
   launch::gated_merge(cuda_backend(), op, in, cache, x);
 }
 
+at::Tensor forecast_read_cuda(const at::Tensor& x, const at::Tensor& gate, at::TensorList slots,
+                              at::ArrayRef<double> coeffs) {
+  const char* op = "harmonica.forecast_read";
+  const ForecastInputs in = prepare_forecast_read(op, x, gate, slots, coeffs, false);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  launch::forecast<cuda_body::ForecastReadBody, false>(cuda_backend(), op, in, out);
+  return out;
+}
+
+void forecast_read_inplace_cuda(const at::Tensor& x, const at::Tensor& gate, at::TensorList slots,
+                                at::ArrayRef<double> coeffs) {
+  const char* op = "harmonica.forecast_read_";
+  const ForecastInputs in = prepare_forecast_read(op, x, gate, slots, coeffs, true);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  launch::forecast<cuda_body::ForecastReadBody, false>(cuda_backend(), op, in, x);
+}
+
+at::Tensor forecast_update_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh,
+                                at::TensorList slots, at::ArrayRef<double> inv) {
+  const char* op = "harmonica.forecast_update";
+  const ForecastInputs in = prepare_forecast_update(op, x, gate, fresh, slots, inv, false);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  launch::forecast<cuda_body::ForecastUpdateBody, true>(cuda_backend(), op, in, out);
+  return out;
+}
+
+void forecast_update_inplace_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& fresh,
+                                  at::TensorList slots, at::ArrayRef<double> inv) {
+  const char* op = "harmonica.forecast_update_";
+  const ForecastInputs in = prepare_forecast_update(op, x, gate, fresh, slots, inv, true);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  launch::forecast<cuda_body::ForecastUpdateBody, true>(cuda_backend(), op, in, x);
+}
+
 }  // namespace
 }  // namespace harmonica
 
@@ -162,4 +198,8 @@ TORCH_LIBRARY_IMPL(harmonica, CUDA, m) {
   m.impl("gather_rows", &harmonica::gather_rows_cuda);
   m.impl("gated_merge", &harmonica::gated_merge_cuda);
   m.impl("gated_merge_", &harmonica::gated_merge_inplace_cuda);
+  m.impl("forecast_read", &harmonica::forecast_read_cuda);
+  m.impl("forecast_read_", &harmonica::forecast_read_inplace_cuda);
+  m.impl("forecast_update", &harmonica::forecast_update_cuda);
+  m.impl("forecast_update_", &harmonica::forecast_update_inplace_cuda);
 }

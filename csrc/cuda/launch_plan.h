@@ -11,6 +11,7 @@
 #include <utility>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
 #include "../checks.h"
@@ -58,7 +59,7 @@ constexpr int kMaxPack = static_cast<int>(kVectorBytes / sizeof(T));
 // straddles a row and each load is one transaction. An 8-byte-aligned bfloat16 view gets 4-element
 // packs instead of falling back to single elements.
 template <typename T>
-int64_t widest_pack(int64_t row, std::initializer_list<const void*> pointers, std::initializer_list<int64_t> strides) {
+int64_t widest_pack(int64_t row, c10::ArrayRef<const void*> pointers, std::initializer_list<int64_t> strides) {
   int64_t width = kMaxPack<T>;
   const auto fits = [&](int64_t w) {
     if (row % w != 0) {
@@ -109,6 +110,20 @@ void with_pack_width(int64_t width, Fn&& fn) {
     } else {
       with_pack_width<T, VEC / 2>(width, std::forward<Fn>(fn));
     }
+  }
+}
+
+// Calls fn(std::integral_constant<int, N>{}) for N == count, 1 <= count <= kMaxForecastSlots (checked
+// by prepare_forecast_*): the forecast kernels, device and CPU, are compiled per table size, so each
+// keeps every slot pointer and factor in registers and runs exactly its order's loads and stores.
+template <int N = 1, typename Fn>
+void with_slot_count(int64_t count, Fn&& fn) {
+  if constexpr (N == kMaxForecastSlots) {
+    fn(std::integral_constant<int, N>{});
+  } else if (count == N) {
+    fn(std::integral_constant<int, N>{});
+  } else {
+    with_slot_count<N + 1>(count, std::forward<Fn>(fn));
   }
 }
 

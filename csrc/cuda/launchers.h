@@ -10,6 +10,8 @@
 
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -219,6 +221,65 @@ void gated_merge(const Backend& backend, const char* op, const GatedMergeInputs&
                                                            gate_stride,     branch_active, slots + first,
                                                            slot_data + at,  result + at};
         backend.template run<cuda_body::GatedMergeBody<scalar_t, VEC>>(params, layout.packs);
+      });
+    });
+  });
+}
+
+// forecast_read (ForecastReadBody, kWritesSlots false) and forecast_update (ForecastUpdateBody, true).
+// out may be in.x (in place). The pack width fits every tensor, slots included.
+template <template <typename, int, int> class Body, bool kWritesSlots, typename Backend>
+void forecast(const Backend& backend, const char* op, const ForecastInputs& in, const at::Tensor& out) {
+  const HiddenShape s = in.shape;
+  if (s.numel() == 0) {
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "harmonica_forecast", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Slot = std::conditional_t<kWritesSlots, scalar_t, const scalar_t>;
+    const scalar_t* x = in.x.const_data_ptr<scalar_t>();
+    const scalar_t* gate = in.gate.const_data_ptr<scalar_t>();
+    const scalar_t* fresh = in.fresh.defined() ? in.fresh.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* result = out.mutable_data_ptr<scalar_t>();
+    const int64_t gate_stride = in.gate.stride(0);
+    std::vector<Slot*> slots;
+    std::vector<const void*> pointers = {x, gate, fresh, result};
+    for (const at::Tensor& slot : in.slots) {
+      if constexpr (kWritesSlots) {
+        slots.push_back(slot.mutable_data_ptr<scalar_t>());
+      } else {
+        slots.push_back(slot.const_data_ptr<scalar_t>());
+      }
+      pointers.push_back(slots.back());
+    }
+    const int64_t width =
+        choose_pack<scalar_t>(op, backend.options, widest_pack<scalar_t>(s.hidden, pointers, {gate_stride}));
+    with_pack_width<scalar_t>(width, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      for_each_launch(op, s, VEC, backend.options.max_packs, [&](int64_t first, const cuda_body::PackLayout& layout) {
+        const int64_t at = first * s.sample_numel();
+        cuda_body::ForecastParams<scalar_t, Slot> params{};
+        params.layout = layout;
+        params.x = x + at;
+        params.gate = gate + first * gate_stride;
+        params.gate_batch_stride = gate_stride;
+        params.fresh = fresh == nullptr ? nullptr : fresh + at;
+        for (size_t i = 0; i < slots.size(); ++i) {
+          params.slots[i] = slots[i] + at;
+        }
+        for (size_t i = 0; i < in.factors.size(); ++i) {
+          params.factors[i] = static_cast<acc_t>(in.factors[i]);
+        }
+        params.count = static_cast<int>(slots.size());
+        params.out = result + at;
+        // One kernel per table size for the widest pack only (see ForecastParams).
+        if constexpr (VEC == kMaxPack<scalar_t>) {
+          with_slot_count(params.count, [&](auto count) {
+            backend.template run<Body<scalar_t, VEC, decltype(count)::value>>(params, layout.packs);
+          });
+        } else {
+          backend.template run<Body<scalar_t, VEC, 0>>(params, layout.packs);
+        }
       });
     });
   });

@@ -337,6 +337,113 @@ struct GatedMergeBody {
   }
 };
 
+// ---- forecast_read / forecast_update ---------------------------------------------------------
+// A table of 1 to kMaxForecastSlots slots (a unit's divided differences of orders 0, 1, ...). With
+// kSlots > 0 the table size is a compile-time constant: the `i < count` guards fold away and each
+// order runs exactly its own loads, arithmetic and stores. The launcher instantiates those for the
+// widest pack, the path of aligned tensors; narrower packs (misaligned views) take kSlots = 0, one
+// kernel for every size, the size read from `count` and the guards uniform over the launch, which
+// keeps the number of kernels nvcc compiles down (every size at every width: 130 kernels, +35% compile
+// time of cache_ops.cu). Either way every load of a pack is issued before its first use. Parameters
+// hold kMaxForecastSlots entries (unused: nullptr / 0). Slots share no memory with any argument or with
+// each other (the launcher's overlap checks). Slot is `const T` for forecast_read, T for forecast_update.
+template <typename T, typename Slot>
+struct ForecastParams {
+  using acc_t = at::opmath_type<T>;
+  PackLayout layout;
+  const T* x;
+  const T* __restrict__ gate;
+  int64_t gate_batch_stride;
+  const T* __restrict__ fresh;  // forecast_update only
+  Slot* __restrict__ slots[kMaxForecastSlots];
+  acc_t factors[kMaxForecastSlots];  // forecast_read: count coeffs; forecast_update: count - 1 inv
+  int count;                         // slots in the table
+  T* out;                            // may be x (in-place variants)
+};
+
+template <int kSlots, typename Params>
+HARMONICA_HOST_DEVICE inline int table_size(const Params& p) {
+  return kSlots > 0 ? kSlots : p.count;
+}
+
+// out = x + gate * sum_i coeffs[i] * slots[i], the sum in the accumulation type, rounded once on store.
+template <typename T, int VEC, int kSlots>
+struct ForecastReadBody {
+  HARMONICA_HOST_DEVICE static void run(const ThreadIndex& t, const ForecastParams<T, const T>& p) {
+    using acc_t = at::opmath_type<T>;
+    const int count = table_size<kSlots>(p);
+    for_each_pack(t, p.layout, [&](const PackPosition& at) {
+      const int64_t first = static_cast<int64_t>(at.pack) * VEC;
+      Pack<T, VEC> slots[kMaxForecastSlots] = {};  // zeros where i >= count: never read, but defined
+      HARMONICA_UNROLL
+      for (int i = 0; i < kMaxForecastSlots; ++i) {
+        if (i < count) {
+          slots[i] = load_pack<VEC>(p.slots[i] + first);
+        }
+      }
+      const Pack<T, VEC> x = load_pack<VEC>(p.x + first);
+      const Pack<T, VEC> gate = load_gate<VEC>(p.gate, p.gate_batch_stride, at);
+      Pack<T, VEC> out;
+      HARMONICA_UNROLL
+      for (int k = 0; k < VEC; ++k) {
+        acc_t value = acc_t(0);
+        HARMONICA_UNROLL
+        for (int i = 0; i < kMaxForecastSlots; ++i) {
+          if (i < count) {
+            value = forecast_term<acc_t>(value, p.factors[i], static_cast<acc_t>(slots[i].value[k]));
+          }
+        }
+        out.value[k] =
+            T(gated_residual<acc_t>(static_cast<acc_t>(x.value[k]), static_cast<acc_t>(gate.value[k]), value));
+      }
+      store_pack<VEC>(p.out + first, out);
+    });
+  }
+};
+
+// out = x + gate * fresh; slot 0 <- fresh, slot i <- (new_{i-1} - old_{i-1}) * inv[i-1]. A thread reads
+// its packs of the old differences before it writes any slot; the chain of differences stays in the
+// accumulation type and each slot is rounded once, on store (slot 0 takes fresh bit for bit).
+template <typename T, int VEC, int kSlots>
+struct ForecastUpdateBody {
+  HARMONICA_HOST_DEVICE static void run(const ThreadIndex& t, const ForecastParams<T, T>& p) {
+    using acc_t = at::opmath_type<T>;
+    const int count = table_size<kSlots>(p);
+    for_each_pack(t, p.layout, [&](const PackPosition& at) {
+      const int64_t first = static_cast<int64_t>(at.pack) * VEC;
+      Pack<T, VEC> older[kMaxForecastSlots - 1] = {};
+      HARMONICA_UNROLL
+      for (int i = 0; i + 1 < kMaxForecastSlots; ++i) {
+        if (i + 1 < count) {
+          older[i] = load_pack<VEC>(p.slots[i] + first);
+        }
+      }
+      const Pack<T, VEC> fresh = load_pack<VEC>(p.fresh + first);
+      store_pack<VEC>(p.out + first, gated_residual_pack(load_pack<VEC>(p.x + first),
+                                                         load_gate<VEC>(p.gate, p.gate_batch_stride, at), fresh));
+      acc_t newer[VEC];
+      HARMONICA_UNROLL
+      for (int k = 0; k < VEC; ++k) {
+        newer[k] = static_cast<acc_t>(fresh.value[k]);
+      }
+      Pack<T, VEC> pending = fresh;
+      HARMONICA_UNROLL
+      for (int i = 0; i < kMaxForecastSlots; ++i) {
+        if (i < count) {
+          store_pack<VEC>(p.slots[i] + first, pending);
+        }
+        if (i + 1 < count) {
+          HARMONICA_UNROLL
+          for (int k = 0; k < VEC; ++k) {
+            newer[k] = divided_difference<acc_t>(newer[k], static_cast<acc_t>(older[i].value[k]), p.factors[i]);
+            pending.value[k] = T(newer[k]);
+          }
+        }
+      }
+    });
+  }
+};
+
 // ---- check kernels ---------------------------------------------------------------------------
 // Validation of values that live in device memory, which the host cannot read without a
 // synchronisation. Grid-stride loops, so every entry is checked whatever the launch's grid.

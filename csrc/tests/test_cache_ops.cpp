@@ -138,6 +138,85 @@ void test_gated_residual_body_half() {
   expect(correct, "GatedResidualBody<Half, " + std::to_string(VEC) + ", write>");
 }
 
+// ForecastReadBody and ForecastUpdateBody on Half data against naive float loops, for a table of
+// kSlots slots: the sum and the chain of differences in float, each result rounded once. kBodySlots is
+// the bodies' template argument: kSlots (size known at compile time) or 0 (size read from the params).
+template <int VEC, int kSlots, int kBodySlots>
+void test_forecast_bodies_half() {
+  constexpr int64_t batch = 2, tokens = 3, hidden = 16, gate_stride = 24;
+  constexpr int64_t numel = batch * tokens * hidden;
+  const float coeffs[harmonica::kMaxForecastSlots] = {1.0f, -2.5f, 6.0f, -0.75f, 12.0f};
+  const float inv[harmonica::kMaxForecastSlots] = {0.5f, -0.25f, 2.0f, -4.0f, 0.0f};
+  alignas(16) c10::Half x[numel];
+  alignas(16) c10::Half fresh[numel];
+  alignas(16) c10::Half out[numel];
+  alignas(16) c10::Half gate[batch * gate_stride];
+  alignas(16) c10::Half slots[kSlots][numel];
+  alignas(16) c10::Half old_slots[kSlots][numel];
+  for (int64_t i = 0; i < numel; ++i) {
+    x[i] = c10::Half(0.25f * static_cast<float>(i % 17) - 2.0f);
+    fresh[i] = c10::Half(0.125f * static_cast<float>(i % 13) - 0.5f);
+    for (int s = 0; s < kSlots; ++s) {
+      slots[s][i] = old_slots[s][i] = c10::Half(0.0625f * static_cast<float>((i + 5 * s) % 11) - 0.25f);
+    }
+  }
+  for (int64_t i = 0; i < batch * gate_stride; ++i) {
+    gate[i] = c10::Half(0.5f * static_cast<float>(i % 7) - 1.0f);
+  }
+  const uint32_t per_row = hidden / VEC;
+  const PackLayout layout{static_cast<uint32_t>(numel / VEC), FastDivmod(per_row), FastDivmod(tokens),
+                          static_cast<uint32_t>(tokens * per_row)};
+  harmonica::cuda_body::ForecastParams<c10::Half, const c10::Half> read{};
+  harmonica::cuda_body::ForecastParams<c10::Half, c10::Half> update{};
+  read.layout = update.layout = layout;
+  read.x = update.x = x;
+  read.gate = update.gate = gate;
+  read.gate_batch_stride = update.gate_batch_stride = gate_stride;
+  update.fresh = fresh;
+  for (int s = 0; s < kSlots; ++s) {
+    read.slots[s] = old_slots[s];
+    update.slots[s] = slots[s];
+    read.factors[s] = coeffs[s];
+    update.factors[s] = inv[s];
+  }
+  read.count = update.count = kSlots;
+  read.out = update.out = out;
+  bool correct = true;
+  for_each_thread(32, 2, [&](const ThreadIndex& t) {
+    harmonica::cuda_body::ForecastReadBody<c10::Half, VEC, kBodySlots>::run(t, read);
+  });
+  for (int64_t i = 0; i < numel; ++i) {
+    float value = 0;
+    for (int s = 0; s < kSlots; ++s) {
+      value += coeffs[s] * static_cast<float>(old_slots[s][i]);
+    }
+    const float g = static_cast<float>(gate[(i / (tokens * hidden)) * gate_stride + i % hidden]);
+    // The float results may differ in their last bit (fused multiply-adds), which moves the one
+    // rounding to half by at most one half ulp (2^-10 relative).
+    const float expected = static_cast<float>(x[i]) + g * value;
+    correct = correct && std::abs(static_cast<float>(out[i]) - expected) <= std::ldexp(1.0f, -10) * std::abs(expected);
+  }
+  const std::string args = std::to_string(VEC) + ", " + std::to_string(kBodySlots) + "> with " +
+                           std::to_string(kSlots) + " slots";
+  expect(correct, "ForecastReadBody<Half, " + args);
+  for_each_thread(32, 2, [&](const ThreadIndex& t) {
+    harmonica::cuda_body::ForecastUpdateBody<c10::Half, VEC, kBodySlots>::run(t, update);
+  });
+  correct = true;
+  for (int64_t i = 0; i < numel; ++i) {
+    const float g = static_cast<float>(gate[(i / (tokens * hidden)) * gate_stride + i % hidden]);
+    correct = correct && static_cast<float>(out[i]) ==
+                             static_cast<float>(c10::Half(static_cast<float>(x[i]) + g * static_cast<float>(fresh[i])));
+    float newer = static_cast<float>(fresh[i]);
+    correct = correct && static_cast<float>(slots[0][i]) == newer;
+    for (int s = 1; s < kSlots; ++s) {
+      newer = (newer - static_cast<float>(old_slots[s - 1][i])) * inv[s - 1];  // the chain stays in float
+      correct = correct && static_cast<float>(slots[s][i]) == static_cast<float>(c10::Half(newer));
+    }
+  }
+  expect(correct, "ForecastUpdateBody<Half, " + args);
+}
+
 void test_blend_backward_body_sums() {
   const int64_t batch = 2, tokens = 7, hidden = 8;
   constexpr int VEC = 4;
@@ -264,6 +343,16 @@ void test_errors_name_the_argument() {
   const std::string overlap_message = error_of([&] { call_cache_write_inplace(slot, at::randn({2, 8}), x, slot); });
   expect(overlap_message.find("`cache` is written by this op and shares memory with `x`") != std::string::npos,
          "overlap error message, got: " + overlap_message);
+  static const auto forecast_update =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("harmonica::forecast_update", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
+                            at::ArrayRef<double>)>();
+  const at::Tensor other = at::randn({2, 4, 8});
+  const std::string slots_message =
+      error_of([&] { forecast_update.call(x, at::randn({2, 8}), other, {slot, at::randn({2, 4, 8}), slot}, {0.5, 2.0}); });
+  expect(slots_message.find("`slots[0]` is written by this op and shares memory with `slots[2]`") != std::string::npos,
+         "slot overlap error message, got: " + slots_message);
 }
 
 }  // namespace
@@ -274,6 +363,12 @@ int main() {
   test_gated_residual_body_half<1>();
   test_gated_residual_body_half<4>();
   test_gated_residual_body_half<8>();
+  test_forecast_bodies_half<1, 1, 0>();
+  test_forecast_bodies_half<4, 3, 0>();
+  test_forecast_bodies_half<4, 5, 0>();
+  test_forecast_bodies_half<8, 1, 1>();
+  test_forecast_bodies_half<8, 2, 2>();
+  test_forecast_bodies_half<8, 5, 5>();
   test_blend_backward_body_sums();
   test_widest_pack_follows_alignment_and_rows();
   test_cache_read_op_matches_aten();
