@@ -170,6 +170,11 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if "--frontier" in args.compare_args:  # the quality-vs-speed frontier (harmonica.frontier)
+        from .frontier import main as frontier_main
+
+        frontier_main([a for a in args.compare_args if a != "--frontier"])
+        return 0
     from .compare import main as compare_main
 
     compare_main(args.compare_args)
@@ -367,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help only: main() hands everything after `evaluate` to harmonica.compare unparsed.
     subparsers.add_parser("evaluate", help="comparison table (FID, accuracy, PSNR, CUR, speedups); "
-                          "options: harmonica evaluate --help")
+                          "options: harmonica evaluate --help; --frontier: quality vs speed of every method "
+                          "(harmonica evaluate --frontier --help)")
 
     p = command("plot", help="heatmap PNG of a router or schedule")
     p.add_argument("schedule", help="router or schedule .safetensors")
