@@ -218,7 +218,7 @@ class Frontier:
             measured = "-" if not t else f"{t['speedup']:.2f} ({min(t['round_speedups']):.2f}-{max(t['round_speedups']):.2f})"
             fid, sd = self.value(r, "fid_fmnist")
             fid_text = "-" if math.isnan(fid) else f"{fid:.3f}" + ("" if math.isnan(sd) else f" +- {sd:.3f}")
-            psnr_same = num(r, "psnr_uncached", ".2f")
+            psnr_same = "same" if self.value(r, "psnr_uncached")[0] == PSNR_CAP else num(r, "psnr_uncached", ".2f")
             mark = "" if self.complete(r) else f" (seeds {len(self.seeds(r))}/{len(s['seeds'])})"
             lines.append(
                 f"| {r['name']}{mark} | {r['steps']} | {format(100 * r['cur'], '.1f') if r['cached'] else '-'} | "
@@ -487,6 +487,8 @@ def plot(frontiers: Sequence[Frontier], path, title: Optional[str] = None) -> Pa
     for i, fr in enumerate(frontiers):
         families = {}
         for r in fr.rows:
+            if r["family"] == "uncached":  # the first point of the fewer-steps curve, and a star of its own
+                families.setdefault("fewer steps", []).append(r)
             if r["family"] != "reference":
                 families.setdefault(r["family"], []).append(r)
         timed = all(r.get("timing") for rows in families.values() for r in rows)
@@ -494,14 +496,18 @@ def plot(frontiers: Sequence[Frontier], path, title: Optional[str] = None) -> Pa
             ax = axes[i][j]
             for family, rows in families.items():
                 colour, marker = styles.get(family) or styles.setdefault(family, (next(palette), "D"))
-                pts = sorted((fr.speed(r), *fr.value(r, key)) for r in rows)
+                pts = sorted((fr.speed(r), *fr.value(r, key), r["steps"]) for r in rows)
                 pts = [p for p in pts if not math.isnan(p[1])]
                 if not pts:
                     continue
-                xs, ys, sds = zip(*pts)
+                xs, ys, sds, counts = zip(*pts)
                 ys, sds = [y * scale for y in ys], [0.0 if math.isnan(s) else s * scale for s in sds]
-                ax.errorbar(xs, ys, yerr=sds if any(sds) else None, color=colour, marker=marker, ms=5, lw=1.2,
-                            capsize=2, label=family, ls="-" if len(xs) > 1 else "none")
+                ax.errorbar(xs, ys, yerr=sds if any(sds) else None, color=colour, marker=marker,
+                            ms=11 if family == "uncached" else 5, lw=1.2, capsize=2, label=family,
+                            ls="-" if len(xs) > 1 else "none", zorder=3 if family == "uncached" else 2)
+                if family == "fewer steps":  # the step count next to each point
+                    for k, x, y in zip(counts, xs, ys):
+                        ax.annotate(str(k), (x, y), fontsize=6, xytext=(2, 3), textcoords="offset points")
             if key != "psnr_ref":
                 for r in fr.rows:
                     if r["family"] == "uncached":
