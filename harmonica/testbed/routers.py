@@ -110,7 +110,7 @@ def load_testbed(dit_dir: Optional[str] = None) -> Testbed:
 
 def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, iterations: int,
           batch_size: int = 8, target_speedup: Optional[float] = None, beta: float = 1e-3,
-          lr: Optional[float] = None, forecast_order: int = 0,
+          lr: Optional[float] = None, forecast_order: int = 0, threshold: Optional[float] = None,
           iepo_refresh: int = 10, seed: int = 0, dit_dir: Optional[str] = None, out: Optional[Path] = None,
           checkpoint_dir: Optional[str] = None, resume: bool = False, log_file: Optional[str] = None) -> Router:
     from ..train import ClassConditioning, TrainConfig, train_router
@@ -125,7 +125,7 @@ def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_S
     config = TrainConfig(method=method, num_steps=steps, conditioning=ClassConditioning(len(bed.class_names), bed.null_class),
                          guidance_scale=DEFAULT_GUIDANCE, batch_size=batch_size, iterations=iterations,
                          beta=beta, lr=lr, target_speedup=target_speedup, iepo_refresh=iepo_refresh, seed=seed,
-                         forecast_order=forecast_order,
+                         forecast_order=forecast_order, **({} if threshold is None else {"threshold": threshold}),
                          checkpoint_dir=checkpoint_dir, checkpoint_every=5 if checkpoint_dir else 0,
                          resume=resume, log_file=log_file, **extra)
     router = train_router(bed.transformer, bed.make_scheduler(sampler), config)
@@ -151,6 +151,8 @@ def main(argv=None) -> Router:
     p.add_argument("--sampler", default=DEFAULT_SAMPLER)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--forecast-order", type=int, default=0, help="0 = reuse, m = forecast of order m")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="training's threshold: a unit whose weight exceeds it refreshes its cache (default: TrainConfig's)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--iterations", type=int, help="HarmoniCa: trajectories; L2C: updates")
     g.add_argument("--updates-like-harmonica", type=int, metavar="N",
@@ -185,7 +187,7 @@ def main(argv=None) -> Router:
     iterations = args.iterations or args.updates_like_harmonica * (args.steps - 1)
     router = train(args.method, sampler=args.sampler, steps=args.steps, iterations=iterations,
                    batch_size=args.batch_size, target_speedup=args.target_speedup, beta=args.beta, lr=args.lr,
-                   forecast_order=args.forecast_order, iepo_refresh=args.iepo_refresh, seed=args.seed,
+                   forecast_order=args.forecast_order, threshold=args.threshold, iepo_refresh=args.iepo_refresh, seed=args.seed,
                    dit_dir=args.dit_dir, out=args.out, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                    log_file=args.log_file)
     print(json.dumps({k: router.metadata[k] for k in keys}, indent=2))
