@@ -67,6 +67,13 @@ RULES = {
 }
 
 
+def _each(rule):
+    """A RULES entry for a list option: ``rule`` for every item."""
+    def each(values):
+        return next((problem for problem in map(rule, values) if problem), None)
+    return each
+
+
 def check_values(args, **overrides) -> None:
     """Apply RULES (and per-command ``overrides``) to every option ``args`` holds a value for."""
     for name, rule in {**RULES, **overrides}.items():
@@ -507,7 +514,6 @@ def cmd_sample(args) -> int:
 # ----------------------------------------------------------------------------------------- evaluate
 def check_evaluate(args) -> None:
     check_values(args)
-    from .schedule import Router
     from .testbed import DEFAULT_SAMPLER, DEFAULT_STEPS
 
     steps = args.steps or DEFAULT_STEPS
@@ -516,6 +522,16 @@ def check_evaluate(args) -> None:
     if args.timing_samples is not None and args.timing_samples > args.samples:
         raise UsageError(f"--timing-samples {args.timing_samples} is more than --samples {args.samples}; the "
                          f"timing batch is drawn from the samples: pass at most {args.samples}")
+    if args.out:
+        _writable_files(args.out, "--out", ("table.md", "table.json"))
+    _check_routers(args, steps, DEFAULT_SAMPLER)
+
+
+def _check_routers(args, steps: int, sampler_name: str) -> None:
+    """--router NAME=PATH options of evaluate and the frontier: distinct names, router files that fit the
+    testbed DiT (--dit-dir), ``steps`` and the sampler."""
+    from .schedule import Router
+
     routers = {}
     for spec in args.router:
         name, _, path = spec.partition("=")
@@ -524,10 +540,8 @@ def check_evaluate(args) -> None:
         if name in routers:
             raise UsageError(f"--router {name} is given twice; give each router its own NAME")
         routers[name] = path
-    if args.out:
-        _writable_files(args.out, "--out", ("table.md", "table.json"))
     _testbed_structure(args, args.dit_dir, "--dit-dir")
-    sampler = _sampler(args, DEFAULT_SAMPLER)
+    sampler = _sampler(args, sampler_name)
     for name, path in routers.items():
         plan = _load_plan(path, f"--router {name}")
         if not isinstance(plan, Router):
@@ -537,6 +551,43 @@ def check_evaluate(args) -> None:
 
 def cmd_evaluate(args) -> int:
     from .compare import run
+
+    run(args, progress=not args.quiet)
+    return 0
+
+
+def check_frontier(args) -> None:
+    from .testbed import DEFAULT_SAMPLER, DEFAULT_STEPS
+
+    steps = args.steps or DEFAULT_STEPS
+    check_values(args, seeds=_each(_integer(0)), fewer_steps=_each(_integer(1)), fora=_each(_integer(2)),
+                 taylorseer=_each(_integer(2)), orders=_each(_integer(1)), reference_seeds=_integer(0),
+                 timing_rounds=_integer(1), samples=_integer(2))
+    if args.plot:
+        for folder in args.plot:
+            if not (Path(folder) / "frontier.json").is_file():
+                raise UsageError(f"--plot {folder}: no frontier.json there; give folders written by --out")
+        _writable(args.png or Path(args.plot[0]) / "frontier.png", "--png")
+        return
+    _only_with(args, False, "--plot", "png")
+    if len(set(args.seeds)) != len(args.seeds) or not args.seeds:
+        raise UsageError(f"--seeds must be distinct seeds (comma-separated), got {args.seeds}")
+    if args.fewer_steps and max(args.fewer_steps) >= steps:
+        raise UsageError(f"--fewer-steps must be below T = {steps} (--steps), got {max(args.fewer_steps)}")
+    too_high = [m for m in args.orders if m > 4]
+    if too_high:
+        raise UsageError(f"--orders: forecast orders go up to 4, got {too_high[0]}")
+    if args.no_timing and args.retime:
+        raise UsageError("--no-timing and --retime contradict each other; keep one")
+    if args.out:
+        _writable_files(args.out, "--out", ("frontier.json", "table.md", "frontier.png"))
+    if args.cache_dir:
+        _writable_files(args.cache_dir, "--cache-dir", ())
+    _check_routers(args, steps, args.scheduler or DEFAULT_SAMPLER)
+
+
+def cmd_frontier(args) -> int:
+    from .frontier import run
 
     run(args, progress=not args.quiet)
     return 0
@@ -663,6 +714,7 @@ def cmd_bench(args) -> int:
 # ----------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .compare import add_arguments as add_comparison_arguments
+    from .frontier import add_arguments as add_frontier_arguments
     from .sampling import SCHEDULERS
     from .testbed import DEFAULT_GUIDANCE
 
@@ -729,8 +781,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/sample", help="folder for samples.png")
 
     p = command("evaluate", check_evaluate, cmd_evaluate,
-                help="comparison table (FID, accuracy, PSNR, CUR, speedups); same as python -m harmonica.compare")
+                help="comparison table (FID, accuracy, PSNR, CUR, speedups); same as python -m harmonica.compare. "
+                     "With --frontier: quality vs measured speed of every method (harmonica evaluate --frontier -h)")
     add_comparison_arguments(p)
+
+    p = command("frontier", check_frontier, cmd_frontier, prog=f"{parser.prog} evaluate --frontier",
+                help=argparse.SUPPRESS, description="quality vs measured speed of every way of sampling faster on "
+                     "the testbed (harmonica.frontier); run as `harmonica evaluate --frontier`")
+    add_frontier_arguments(p)
 
     p = command("plot", check_plot, cmd_plot, computes=False, help="heatmap image of a router or schedule")
     p.add_argument("schedule", help="router or schedule .safetensors")
@@ -771,7 +829,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["evaluate"] and "--frontier" in argv:  # the frontier mode: its own options
+        argv = ["frontier"] + [a for a in argv[1:] if a != "--frontier"]
+    args = build_parser().parse_args(argv)
     logging.basicConfig(format="harmonica: %(message)s")
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     with warnings.catch_warnings():

@@ -239,6 +239,33 @@ CASES = [
     ("evaluate --router h={d}/router10.safetensors", "does not match --router h={d}/router10.safetensors, made for 10"),
     ("evaluate --dit-dir {d}/nowhere", "--dit-dir {d}/nowhere: config.json is missing"),
     ("evaluate --out {d}/afile", "--out {d}/afile is a file, not a folder"),
+    # ---- evaluate --frontier
+    ("evaluate --frontier --samples 1", "--samples: must be an integer >= 2, got 1"),
+    ("evaluate --frontier --steps 0", "--steps: must be an integer >= 1, got 0"),
+    ("evaluate --frontier --seeds 0,-1", "--seeds: must be an integer >= 0, got -1"),
+    ("evaluate --frontier --seeds 3,3", "--seeds must be distinct seeds"),
+    ("evaluate --frontier --seeds a", "argument --seeds: invalid _int_list value: 'a'"),
+    ("evaluate --frontier --fewer-steps 10,0", "--fewer-steps: must be an integer >= 1, got 0"),
+    ("evaluate --frontier --fewer-steps 25", "--fewer-steps must be below T = 20"),
+    ("evaluate --frontier --fora 1", "--fora: must be an integer >= 2, got 1"),
+    ("evaluate --frontier --taylorseer 1", "--taylorseer: must be an integer >= 2, got 1"),
+    ("evaluate --frontier --orders 0", "--orders: must be an integer >= 1, got 0"),
+    ("evaluate --frontier --orders 5", "--orders: forecast orders go up to 4, got 5"),
+    ("evaluate --frontier --reference-seeds -1", "--reference-seeds: must be an integer >= 0"),
+    ("evaluate --frontier --timing-rounds 0", "--timing-rounds: must be an integer >= 1"),
+    ("evaluate --frontier --timing-samples 0", "--timing-samples: must be an integer >= 1"),
+    ("evaluate --frontier --batch-size 0", "--batch-size: must be an integer >= 1"),
+    ("evaluate --frontier --guidance nan", "--guidance: must be a finite number >= 0"),
+    ("evaluate --frontier --no-timing --retime", "--no-timing and --retime contradict each other"),
+    ("evaluate --frontier --png {out}/f.png", "--png has no effect without --plot"),
+    ("evaluate --frontier --plot {d}", "--plot {d}: no frontier.json there"),
+    ("evaluate --frontier --scheduler foo", "foo"),
+    ("evaluate --frontier --router foo", "--router expects NAME=PATH"),
+    ("evaluate --frontier --router h={d}/router10.safetensors", "does not match --router h={d}/router10.safetensors"),
+    ("evaluate --frontier --dit-dir {d}/nowhere", "--dit-dir {d}/nowhere: config.json is missing"),
+    ("evaluate --frontier --out {d}/afile", "--out {d}/afile is a file, not a folder"),
+    ("evaluate --frontier --cache-dir {d}/afile", "--cache-dir {d}/afile is a file, not a folder"),
+    ("evaluate --frontier --threads 0", "--threads: must be an integer >= 1"),
     # ---- plot
     ("plot {d}/missing.safetensors --out {out}/p.png", "schedule/router file not found"),
     ("plot {d}/junk.safetensors --out {out}/p.png", "is neither a harmonica router nor a schedule"),
@@ -300,7 +327,7 @@ def captured(monkeypatch, no_work):
         seen["args"], seen["threads"] = args, torch.get_num_threads()
         return 0
 
-    for name in ("cmd_demo", "cmd_sample", "cmd_evaluate", "cmd_bench", "cmd_plot"):
+    for name in ("cmd_demo", "cmd_sample", "cmd_evaluate", "cmd_frontier", "cmd_bench", "cmd_plot"):
         monkeypatch.setattr(cli, name, record)
     threads = torch.get_num_threads()
     yield seen
@@ -359,6 +386,8 @@ def test_a_plan_for_another_sampler_family_on_the_same_grid_warns_in_one_line(ca
     ("sample --out {out}", cli.TESTBED_THREADS),
     ("sample --out {out} --threads 2", 2),
     ("evaluate", cli.TESTBED_THREADS),
+    ("evaluate --frontier --threads 2", 2),
+    ("evaluate --frontier", cli.TESTBED_THREADS),
     ("demo --threads 2 --out {out}", 2),
 ])
 def test_threads_default_on_the_testbed_and_follow_the_option(line, threads, capsys, tmp_path, captured):

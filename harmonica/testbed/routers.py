@@ -8,6 +8,12 @@ Retrain (writes assets/routers/<method>_<sampler>_<steps>.safetensors; settings 
 
     python -m harmonica.testbed.routers --method harmonica --iterations 80 --target-speedup 1.6
     python -m harmonica.testbed.routers --method l2c --updates-like-harmonica 80 --target-speedup 1.6 --lr 0.01
+
+The forecasting routers (issue 15) are named recipes (:data:`RECIPES`), trained in sequence with
+checkpoints, each resumed from its checkpoint when interrupted; ``--dit-dir``/``--out-dir`` retrain
+them all for another DiT in one command:
+
+    python -m harmonica.testbed.routers --recipe all [--dit-dir D --out-dir O] [--work-dir runs/routers]
 """
 
 from __future__ import annotations
@@ -24,11 +30,52 @@ from . import ASSETS_DIR, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Test
 
 ROUTERS_DIR = ASSETS_DIR / "routers"
 
-__all__ = ["ROUTERS_DIR", "available", "load_router", "router_path", "load_testbed", "main"]
+__all__ = ["ROUTERS_DIR", "RECIPES", "available", "load_router", "router_path", "load_testbed", "train_recipe", "main"]
 
 
 def router_path(method: str, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS) -> Path:
     return ROUTERS_DIR / f"{method}_{sampler}_{steps}.safetensors"
+
+
+# Bundled forecasting routers: file stem -> train() arguments. Targets are theoretical (FLOP) speedups,
+# set above the measured speed wanted because a forecast still costs memory-bound elementwise work per
+# skipped unit (FINDINGS of issue 15: measured lands at 85-95 % of the FLOP count on the CPU). The name
+# says the method, the forecast order and that target. T=50: updates like 60 trajectories (2,940), IEPO
+# lambda at iterations 0 and 30; T=20: like the bundled reuse routers (80 trajectories, refresh 40).
+_T50 = dict(sampler="ddim", steps=50, iterations=60, iepo_refresh=30)
+_T20 = dict(sampler="ddim", steps=20, iterations=80, iepo_refresh=40)
+RECIPES: dict[str, dict] = {
+    "harmonica-o2-x2.0_ddim_20": dict(_T20, method="harmonica", forecast_order=2, target_speedup=2.0),
+    "harmonica-o2-x3.0_ddim_50": dict(_T50, method="harmonica", forecast_order=2, target_speedup=3.0),
+    "harmonica-o1-x2.0_ddim_20": dict(_T20, method="harmonica", forecast_order=1, target_speedup=2.0),
+    "harmonica-o2-x3.5_ddim_50": dict(_T50, method="harmonica", forecast_order=2, target_speedup=3.5),
+    "harmonica-o2-x4.0_ddim_50": dict(_T50, method="harmonica", forecast_order=2, target_speedup=4.0),
+    "harmonica-o2-x2.5_ddim_20": dict(_T20, method="harmonica", forecast_order=2, target_speedup=2.5),
+    # The reuse (order 0) HarmoniCa router at T=50, at the speed of the first forecasting one.
+    "harmonica-x3.0_ddim_50": dict(_T50, method="harmonica", forecast_order=0, target_speedup=3.0),
+    # L2C with the same forecast option, as many updates as the HarmoniCa recipe it is compared with;
+    # lr 0.01 as for the bundled L2C router (its reference 1e-3 moves a logit at most 1.5 in 1,520 updates).
+    "l2c-o2-x2.0_ddim_20": dict(_T20, method="l2c", forecast_order=2, target_speedup=2.0, lr=0.01,
+                                iterations=80 * 19),
+    "l2c-o2-x3.0_ddim_50": dict(_T50, method="l2c", forecast_order=2, target_speedup=3.0, lr=0.01,
+                                iterations=60 * 49),
+}
+
+
+def train_recipe(name: str, *, dit_dir: Optional[str] = None, out_dir: Optional[str] = None,
+                 work_dir: str = "runs/routers", seed: int = 0) -> Router:
+    """Train the router of recipe ``name`` (checkpoints and log in ``work_dir/name``; a checkpoint there is
+    resumed) and write it to ``out_dir`` (default: the bundled asset path)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    recipe = dict(RECIPES[name])
+    method = recipe.pop("method")
+    work = Path(work_dir) / name
+    work.mkdir(parents=True, exist_ok=True)
+    resume = (work / "checkpoint.safetensors").exists()
+    out = Path(out_dir) / f"{name}.safetensors" if out_dir else ROUTERS_DIR / f"{name}.safetensors"
+    return train(method, **recipe, seed=seed, dit_dir=dit_dir, out=out, checkpoint_dir=str(work), resume=resume,
+                 log_file=str(work / "log.jsonl"))
 
 
 def available() -> list[tuple[str, str, int]]:
@@ -68,7 +115,7 @@ RECIPE = {"beta": 1e-3, "iepo_refresh": 10}
 
 def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, iterations: int,
           batch_size: int = 8, target_speedup: Optional[float] = None, beta: float = RECIPE["beta"],
-          lr: Optional[float] = None,
+          lr: Optional[float] = None, forecast_order: int = 0, threshold: Optional[float] = None,
           iepo_refresh: int = RECIPE["iepo_refresh"], seed: int = 0, dit_dir: Optional[str] = None,
           out: Optional[Path] = None,
           checkpoint_dir: Optional[str] = None, resume: bool = False, log_file: Optional[str] = None) -> Router:
@@ -84,6 +131,7 @@ def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_S
     config = TrainConfig(method=method, num_steps=steps, conditioning=ClassConditioning(len(bed.class_names), bed.null_class),
                          guidance_scale=DEFAULT_GUIDANCE, batch_size=batch_size, iterations=iterations,
                          beta=beta, lr=lr, target_speedup=target_speedup, iepo_refresh=iepo_refresh, seed=seed,
+                         forecast_order=forecast_order, **({} if threshold is None else {"threshold": threshold}),
                          checkpoint_dir=checkpoint_dir, checkpoint_every=5 if checkpoint_dir else 0,
                          resume=resume, log_file=log_file, **extra)
     router = train_router(bed.transformer, bed.make_scheduler(sampler), config)
@@ -101,10 +149,17 @@ def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_S
 def main(argv=None) -> Router:
     p = argparse.ArgumentParser(prog="python -m harmonica.testbed.routers",
                                 description="Train a router for the testbed DiT")
-    p.add_argument("--method", choices=("harmonica", "l2c"), required=True)
+    p.add_argument("--recipe", action="append", default=[], metavar="NAME",
+                   help=f"train a bundled router by recipe ('all' = every one not yet written): {', '.join(RECIPES)}")
+    p.add_argument("--out-dir", default=None, help="--recipe: where the routers go (default: the bundled assets)")
+    p.add_argument("--work-dir", default="runs/routers", help="--recipe: checkpoints and logs, resumed from")
+    p.add_argument("--method", choices=("harmonica", "l2c"))
     p.add_argument("--sampler", default=DEFAULT_SAMPLER)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    g = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--forecast-order", type=int, default=0, help="0 = reuse, m = forecast of order m")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="training's threshold: a unit whose weight exceeds it refreshes its cache (default: TrainConfig's)")
+    g = p.add_mutually_exclusive_group()
     g.add_argument("--iterations", type=int, help="HarmoniCa: trajectories; L2C: updates")
     g.add_argument("--updates-like-harmonica", type=int, metavar="N",
                    help="L2C: as many updates as N HarmoniCa trajectories make (N * (steps - 1))")
@@ -120,14 +175,28 @@ def main(argv=None) -> Router:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--log-file", default=None)
     args = p.parse_args(argv)
+    keys = ("method", "forecast_order", "threshold", "achieved_cur", "theoretical_speedup", "wall_time_s",
+            "optimizer_updates")
+    if args.recipe:
+        names = list(RECIPES) if args.recipe == ["all"] else args.recipe
+        router = None
+        for name in names:
+            target = Path(args.out_dir) / f"{name}.safetensors" if args.out_dir else ROUTERS_DIR / f"{name}.safetensors"
+            if args.recipe == ["all"] and target.exists():
+                continue  # 'all' fills in what is missing; name a recipe to retrain it
+            router = train_recipe(name, dit_dir=args.dit_dir, out_dir=args.out_dir, work_dir=args.work_dir,
+                                  seed=args.seed)
+            print(json.dumps({"recipe": name, **{k: router.metadata[k] for k in keys}}), flush=True)
+        return router
+    if args.method is None or (args.iterations is None and args.updates_like_harmonica is None):
+        p.error("give --recipe NAME, or --method with --iterations or --updates-like-harmonica")
     iterations = args.iterations or args.updates_like_harmonica * (args.steps - 1)
     router = train(args.method, sampler=args.sampler, steps=args.steps, iterations=iterations,
                    batch_size=args.batch_size, target_speedup=args.target_speedup, beta=args.beta, lr=args.lr,
-                   iepo_refresh=args.iepo_refresh, seed=args.seed, dit_dir=args.dit_dir,
-                   out=args.out, checkpoint_dir=args.checkpoint_dir, resume=args.resume, log_file=args.log_file)
-    meta = {k: router.metadata[k] for k in ("method", "threshold", "achieved_cur", "theoretical_speedup",
-                                            "wall_time_s", "optimizer_updates")}
-    print(json.dumps(meta, indent=2))
+                   forecast_order=args.forecast_order, threshold=args.threshold, iepo_refresh=args.iepo_refresh, seed=args.seed,
+                   dit_dir=args.dit_dir, out=args.out, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                   log_file=args.log_file)
+    print(json.dumps({k: router.metadata[k] for k in keys}, indent=2))
     return router
 
 
