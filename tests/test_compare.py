@@ -90,6 +90,13 @@ def test_metrics_are_those_of_each_rows_images(setup):
     assert row.fid_fmnist == pytest.approx(evaluate.fid_fmnist(cached, classifier, reference))
     assert row.accuracy == pytest.approx(evaluate.classifier_accuracy(cached, labels, classifier))
     assert row.psnr == pytest.approx(float(evaluate.psnr(cached, uncached).clamp(max=1e3).mean()))
+    # The strict judge is the bundled one (not overridden here); precision/recall live in the FID
+    # classifier's feature space, against as many test images as samples.
+    assert row.strict_accuracy == pytest.approx(
+        evaluate.classifier_accuracy(cached, labels, evaluate.load_classifier("cpu", "strict")))
+    expected = evaluate.precision_recall(evaluate.classifier_features(cached, classifier),
+                                         evaluate.real_features(N, classifier=classifier))
+    assert (row.precision, row.recall) == pytest.approx(expected)
     assert row.psnr < 1e3  # caching changed the images: same noise, different computation
 
 
