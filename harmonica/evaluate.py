@@ -96,10 +96,11 @@ def _classifier_path(which: str) -> Path:
 @lru_cache(maxsize=8)
 def _classifier(device: str, which: str):
     from safetensors.torch import load_file
-    from .testbed.classifier import FMNISTClassifier
+    from .testbed.classifier import build_classifier
 
-    model = FMNISTClassifier()
-    model.load_state_dict(load_file(str(_classifier_path(which))))
+    path = _classifier_path(which)  # validates `which` first
+    model = build_classifier(which)
+    model.load_state_dict(load_file(str(path)))
     model.eval().requires_grad_(False)
     return model.to(device)
 

@@ -109,8 +109,8 @@ def test_dit_run_with_held_out_evaluation_writes_best_weights_and_curves(tmp_pat
 
     out = tmp_path / "out"
     main(["--what", "dit", "--run-dir", str(tmp_path / "run"), "--dit-steps", "3", "--batch-size", "4",
-          "--warmup", "2", "--log-every", "1", "--eval-every", "2", "--eval-samples", "12",
-          "--eval-loss-images", "16", "--final-guidance", "2", "--out", str(out)])
+          "--warmup", "2", "--log-every", "1", "--eval-every", "2", "--eval-samples", "8",
+          "--eval-loss-images", "8", "--final-guidance", "2", "--out", str(out)])
     doc = curves.load(out / "dit_L8-d128-p4_curves.json")
     # Evaluated at step 2 and, since training stopped between intervals, at the last step.
     assert [e["step"] for e in doc["evals"]] == [2, 3]

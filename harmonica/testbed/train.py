@@ -239,6 +239,8 @@ def train_dit(args) -> Path:
             curves["train"], curves["evals"] = (json.loads(curves_path.read_text())[k] for k in ("train", "evals"))
         log(f"resumed DiT from {path} at step {step} ({wall / 60:.1f} min so far)")
     else:
+        if args.init_from:
+            _initialise_from(model, ema, args.init_from, config)
         log(f"new DiT run on {curves['device']}: config {json.dumps(config)}; args {json.dumps(vars(args))}")
 
     images, labels = (t.to(device) for t in load_tensors("train"))
@@ -328,6 +330,21 @@ def train_dit(args) -> Path:
             _write_outputs(Path(args.out), args.arch, config, curves, best, ema.state_dict())
     log(f"DiT stopped at step {step} after {time.time() - started:.0f} s ({wall:.0f} s in training steps)")
     return path
+
+
+def _initialise_from(model, ema, directory: str, config: dict) -> None:
+    """Start model and EMA from an exported testbed DiT (e.g. the previous bundled weights, to continue
+    their training with this run's recipe; the optimizer starts fresh, behind the lr warm-up)."""
+    from diffusers import DiTTransformer2DModel
+
+    source = DiTTransformer2DModel.from_pretrained(directory, torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    mismatched = {k: (source.config[k], v) for k, v in config.items() if source.config[k] != v}
+    if mismatched:
+        raise ValueError(f"--init-from {directory} has another shape than --arch: {mismatched} (theirs, ours)")
+    state = source.state_dict()
+    with torch.no_grad():
+        model.load_state_dict(state)
+        ema.load_state_dict(state)
 
 
 def _device_name(device: torch.device) -> str:
@@ -491,7 +508,7 @@ def _accuracy(model, images, labels, batch_size=1000) -> float:
 
 def train_classifier(args, recipe_name: str = "fid") -> Path:
     """Train one of the bundled classifiers (``classifier.RECIPES``); resumable like the DiT."""
-    from .classifier import RECIPES, FMNISTClassifier
+    from .classifier import RECIPES, build_classifier
 
     recipe = RECIPES[recipe_name]
     seed = args.seed + recipe.seed_offset
@@ -500,7 +517,7 @@ def train_classifier(args, recipe_name: str = "fid") -> Path:
     path = out / "ckpt.safetensors"
     log = _Log(out / "train.log")
     torch.manual_seed(seed)
-    model = FMNISTClassifier()
+    model = build_classifier(recipe_name)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.cls_lr, weight_decay=5e-4)
     aug_gen = torch.Generator().manual_seed(seed + 2)
     images, labels = load_tensors("train")
@@ -570,12 +587,12 @@ def export_classifier(run_dir: Path, assets_dir: Path = ASSETS_DIR, recipe_name:
     """Write a classifier's weights (with its test accuracy in the metadata) into ``assets_dir``; for the
     FID classifier also the FID reference statistics of the 10k test images."""
     from safetensors.torch import save_file
-    from .classifier import RECIPES, FMNISTClassifier
+    from .classifier import RECIPES, build_classifier
     from ..evaluate import feature_statistics
 
     recipe = RECIPES[recipe_name]
     tensors, meta = ckpt.load(Path(run_dir) / _classifier_run_name(recipe_name) / "ckpt.safetensors")
-    model = FMNISTClassifier()
+    model = build_classifier(recipe_name)
     model.load_state_dict(ckpt.unprefixed(tensors, "model."))
     model.eval()
     test_images, test_labels = load_tensors("test")
@@ -619,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: replay each training step as one captured CUDA graph (checked against an eager "
                         "step first; falls back to eager)")
     g.add_argument("--dit-steps", type=int, default=100_000, help="stop after this many optimiser steps")
+    g.add_argument("--init-from", default=None,
+                   help="a new run starts from this exported DiT's weights (model and EMA) instead of DiT's init")
     g.add_argument("--time-budget", type=float, default=0.0,
                    help="also stop after this many seconds of this invocation, evaluations included (0: none)")
     g.add_argument("--batch-size", type=int, default=512)
@@ -646,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint)")
     g.add_argument("--which", choices=("best", "last"), default="best", help="EMA weights to export")
     g = p.add_argument_group("classifier")
-    g.add_argument("--cls-epochs", type=int, default=None, help="default: the recipe's (FID 4, strict 6)")
+    g.add_argument("--cls-epochs", type=int, default=None, help="default: the recipe's (FID 4, strict 8)")
     g.add_argument("--cls-batch-size", type=int, default=128)
     g.add_argument("--cls-lr", type=float, default=2e-3)
     return p
