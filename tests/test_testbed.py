@@ -138,6 +138,18 @@ def test_dit_run_with_held_out_evaluation_writes_best_weights_and_curves(tmp_pat
     assert curves.plot([doc], tmp_path / "curves.png").stat().st_size > 10_000
 
 
+def test_learning_rate_schedule_warmup_constant_cooldown():
+    from harmonica.testbed.train import build_parser, learning_rate
+
+    plain = build_parser().parse_args(["--lr", "1e-3", "--warmup", "10"])
+    assert learning_rate(plain, 0) == pytest.approx(1e-4) and learning_rate(plain, 9) == 1e-3
+    assert learning_rate(plain, 10 ** 6) == 1e-3
+    wsd = build_parser().parse_args(["--lr", "1e-3", "--warmup", "10", "--cooldown-from", "100",
+                                     "--cooldown-steps", "50"])
+    assert learning_rate(wsd, 100) == 1e-3 and learning_rate(wsd, 125) == pytest.approx(5e-4)
+    assert learning_rate(wsd, 150) == 0.0 and learning_rate(wsd, 400) == 0.0
+
+
 @pytest.mark.parametrize("name", list(__import__("harmonica.testbed.model", fromlist=["x"]).ARCHITECTURES))
 def test_candidate_architectures_build_as_named(name):
     from harmonica.testbed.model import architecture_config, build_dit

@@ -288,7 +288,7 @@ def train_dit(args) -> Path:
         y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
         t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=noise_gen, device=device)
         eps = torch.randn(x0.shape, generator=noise_gen, device=device)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = learning_rate(args, step)
         train_step.set_lr(lr)
         loss, grad_norm = train_step(x0, y, t, eps)
         if step == (1 if cuda_graph else 0):  # a graph is captured at the second step
@@ -330,6 +330,16 @@ def train_dit(args) -> Path:
             _write_outputs(Path(args.out), args.arch, config, curves, best, ema.state_dict())
     log(f"DiT stopped at step {step} after {time.time() - started:.0f} s ({wall:.0f} s in training steps)")
     return path
+
+
+def learning_rate(args, step: int) -> float:
+    """Linear warm-up over ``--warmup`` steps, constant, and with ``--cooldown-steps`` a linear decay to
+    zero that starts at ``--cooldown-from`` (a warmup-stable-decay schedule: the cool-down can be
+    appended to a finished constant-rate run by resuming it with these two flags)."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.cooldown_steps:
+        lr *= min(1.0, max(0.0, 1.0 - (step - args.cooldown_from) / args.cooldown_steps))
+    return lr
 
 
 def _initialise_from(model, ema, directory: str, config: dict) -> None:
@@ -643,6 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=512)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--warmup", type=int, default=1000)
+    g.add_argument("--cooldown-from", type=int, default=0, help="step at which the learning rate starts to decay")
+    g.add_argument("--cooldown-steps", type=int, default=0, help="linear decay to zero over this many steps (0: none)")
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--ema-decay", type=float, default=0.9995)
     g.add_argument("--class-dropout", type=float, default=0.1)
