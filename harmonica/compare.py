@@ -28,8 +28,8 @@ from .timing import best_times, cached, cached_copy
 
 __all__ = ["Row", "ComparisonTable", "add_arguments", "compare", "main", "run"]
 
-COLUMNS = ("method", "steps", "fid_fmnist", "accuracy", "psnr", "ssim", "cur", "theoretical_speedup",
-           "measured_speedup", "seconds")
+COLUMNS = ("method", "steps", "fid_fmnist", "accuracy", "strict_accuracy", "precision", "recall", "psnr", "ssim",
+           "cur", "theoretical_speedup", "measured_speedup", "seconds")
 
 
 @dataclasses.dataclass
@@ -39,6 +39,9 @@ class Row:
     schedule: Optional[Schedule]  # None = uncached
     fid_fmnist: float = math.nan
     accuracy: float = math.nan
+    strict_accuracy: float = math.nan  # the classifier trained without augmentation or label smoothing
+    precision: float = math.nan
+    recall: float = math.nan
     psnr: Optional[float] = None  # None for the uncached reference itself
     ssim: Optional[float] = None
     cur: float = 0.0
@@ -63,13 +66,15 @@ class ComparisonTable:
         head = (f"Testbed DiT, {s['sampler']} {s['steps']} steps, guidance {s['guidance_scale']}, "
                 f"{s['num_samples']} samples (seed {s['seed']}); measured speedup on batch {s['timing_samples']}, "
                 f"best of {s['timing_repeats']} interleaved rounds.\n\n")
-        lines = ["| method | steps | FID-FMNIST | accuracy | PSNR vs uncached (dB) | SSIM | CUR % | theoretical speedup | measured speedup |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| method | steps | FID-FMNIST | accuracy | strict accuracy | precision | recall | PSNR vs uncached (dB) "
+                 "| SSIM | CUR % | theoretical speedup | measured speedup |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             psnr = "-" if r.psnr is None else f"{r.psnr:.2f}"
             ssim = "-" if r.ssim is None else f"{r.ssim:.4f}"
             cur = "-" if r.schedule is None else f"{100 * r.cur:.2f}"
-            lines.append(f"| {r.method} | {r.steps} | {r.fid_fmnist:.3f} | {100 * r.accuracy:.1f}% | {psnr} | {ssim} | "
+            lines.append(f"| {r.method} | {r.steps} | {r.fid_fmnist:.3f} | {100 * r.accuracy:.1f}% | "
+                         f"{100 * r.strict_accuracy:.1f}% | {r.precision:.3f} | {r.recall:.3f} | {psnr} | {ssim} | "
                          f"{cur} | {r.theoretical_speedup:.3f} | {r.measured_speedup:.3f} |")
         return head + "\n".join(lines) + "\n"
 
@@ -105,6 +110,7 @@ def compare(
     timing_samples: Optional[int] = None,
     timing_repeats: int = 3,
     classifier=None,
+    strict_classifier=None,
     reference=None,
     progress: bool = False,
 ) -> ComparisonTable:
@@ -113,8 +119,10 @@ def compare(
     routers: name -> Router (each sampled with its metadata threshold). The "fewer steps" row uses
     ``fewer_steps`` steps, or ceil(T / theoretical speedup of the ``match`` row) (default: the
     "harmonica" router, else the first router, else FORA), so it is never faster in theory than the
-    row it is matched with. ``classifier``/``reference`` override the bundled FID classifier and
-    test-set statistics (tests use small random ones).
+    row it is matched with. Every row's quality columns come from :func:`harmonica.evaluate.quality`
+    (PSNR/SSIM against the uncached row's images). ``classifier``/``strict_classifier``/``reference``
+    override the bundled FID classifier, strict classifier and test-set statistics (tests use small
+    random ones).
     """
     from . import evaluate
     from . import testbed as tb
@@ -153,17 +161,17 @@ def compare(
 
     labels = torch.arange(num_samples) % len(bed.class_names)
     kw = dict(seed=seed, guidance=guidance, sampler=sampler, batch_size=batch_size)
-    images = {}
+    judges = dict(classifier=classifier, strict_classifier=strict_classifier, fid_statistics=reference)
+    uncached = None
     for row in rows:
-        images[row.method] = _generate(bed, labels, row, **kw)
-        row.fid_fmnist = evaluate.fid_fmnist(images[row.method], classifier=classifier, reference=reference)
-        row.accuracy = evaluate.classifier_accuracy(images[row.method], labels, classifier=classifier)
+        images = _generate(bed, labels, row, **kw)
+        q = evaluate.quality(images, labels, reference=uncached, **judges)
+        uncached = images if uncached is None else uncached
+        for key in ("fid_fmnist", "accuracy", "strict_accuracy", "precision", "recall", "psnr", "ssim"):
+            if key in q:
+                setattr(row, key, q[key])
         if progress:
-            print(f"{row.method}: FID {row.fid_fmnist:.3f}", flush=True)
-    ref = images[rows[0].method]
-    for row in rows[1:]:
-        row.psnr = float(evaluate.psnr(images[row.method], ref).clamp(max=1e3).mean())
-        row.ssim = float(evaluate.ssim(images[row.method], ref).mean())
+            print(f"{row.method}: FID {row.fid_fmnist:.3f}, strict accuracy {row.strict_accuracy:.3f}", flush=True)
 
     timing_labels = labels[:timing_samples]
     timing_kw = dict(kw, batch_size=timing_samples)

@@ -96,10 +96,11 @@ def _classifier_path(which: str) -> Path:
 @lru_cache(maxsize=8)
 def _classifier(device: str, which: str):
     from safetensors.torch import load_file
-    from .testbed.classifier import FMNISTClassifier
+    from .testbed.classifier import build_classifier
 
-    model = FMNISTClassifier()
-    model.load_state_dict(load_file(str(_classifier_path(which))))
+    path = _classifier_path(which)  # validates `which` first
+    model = build_classifier(which)
+    model.load_state_dict(load_file(str(path)))
     model.eval().requires_grad_(False)
     return model.to(device)
 
@@ -261,24 +262,32 @@ def precision_recall(gen_features, real_features, k: int = 3) -> tuple[float, fl
 
 
 @lru_cache(maxsize=4)
-def _real_features(n: int, seed: int) -> torch.Tensor:
+def _real_images(n: int, seed: int) -> torch.Tensor:
     from .testbed.data import load_tensors
 
     images, _ = load_tensors("test")
     if not 0 < n <= images.shape[0]:
         raise ValueError(f"n must be in 1..{images.shape[0]}, got {n}")
     idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-    return classifier_features(images[idx])
+    return images[idx]
 
 
-def real_features(n: int, seed: int = 0) -> torch.Tensor:
-    """FID-classifier features of ``n`` Fashion-MNIST test images drawn with ``seed`` (the real set
-    of :func:`precision_recall`; needs the dataset on disk)."""
-    return _real_features(n, seed).clone()
+@lru_cache(maxsize=4)
+def _bundled_real_features(n: int, seed: int) -> torch.Tensor:
+    return classifier_features(_real_images(n, seed))
 
 
-def quality(images: torch.Tensor, labels=None, *, reference: torch.Tensor | None = None,
-            strict: bool = True, precision_recall_k: int | None = 3, device=None) -> dict[str, float]:
+def real_features(n: int, seed: int = 0, classifier=None) -> torch.Tensor:
+    """Features of ``n`` Fashion-MNIST test images drawn with ``seed`` (the real set of
+    :func:`precision_recall`; needs the dataset on disk), by the bundled FID classifier or ``classifier``."""
+    if classifier is None:
+        return _bundled_real_features(n, seed).clone()
+    return classifier_features(_real_images(n, seed), classifier)
+
+
+def quality(images: torch.Tensor, labels=None, *, reference: torch.Tensor | None = None, strict: bool = True,
+            precision_recall_k: int | None = 3, device=None, classifier=None, strict_classifier=None,
+            fid_statistics=None) -> dict[str, float]:
     """Every quality measure of one batch of generated images ``(N, 1, 28, 28)`` in [-1, 1].
 
     * ``fid_fmnist``; ``precision`` / ``recall`` against ``N`` test images (k = ``precision_recall_k``,
@@ -288,21 +297,28 @@ def quality(images: torch.Tensor, labels=None, *, reference: torch.Tensor | None
     * with ``reference`` (e.g. the uncached images from the same noise): ``psnr`` and ``ssim``, means
       over images (identical images count as 1000 dB, as in the comparison table).
 
-    ``device``: where the classifiers run (default: the images' device).
+    ``device``: where the classifiers run (default: the images' device). ``classifier``,
+    ``strict_classifier``, ``fid_statistics``: replacements of the bundled FID classifier, strict
+    classifier and test-set statistics (tests use small random ones); the relative accuracies are
+    given for the bundled classifiers only.
     """
     device = torch.device(device) if device is not None else images.device
-    fid_classifier = load_classifier(device, "fid")
-    feats = classifier_features(images, fid_classifier)
-    out = {"num_samples": int(images.shape[0]),
-           "fid_fmnist": frechet_distance(*feature_statistics(feats), *_reference())}
+    judges = {"fid": classifier, "strict": strict_classifier}
+    bundled = {which: judge is None for which, judge in judges.items()}
+    judges = {which: judge if judge is not None else load_classifier(device, which)
+              for which, judge in judges.items() if which == "fid" or strict}
+    feats = classifier_features(images, judges["fid"])
+    stats = fid_statistics if fid_statistics is not None else _reference()
+    out = {"num_samples": int(images.shape[0]), "fid_fmnist": frechet_distance(*feature_statistics(feats), *stats)}
     if precision_recall_k:
-        out["precision"], out["recall"] = precision_recall(feats, real_features(images.shape[0]), precision_recall_k)
+        real = real_features(images.shape[0], classifier=None if bundled["fid"] else judges["fid"])
+        out["precision"], out["recall"] = precision_recall(feats, real, precision_recall_k)
     if labels is not None:
-        kinds = ("fid", "strict") if strict else ("fid",)
-        for which in kinds:
+        for which, judge in judges.items():
             key = "accuracy" if which == "fid" else f"{which}_accuracy"
-            out[key] = classifier_accuracy(images, labels, load_classifier(device, which))
-            out[key + "_rel"] = out[key] / classifier_test_accuracy(which)
+            out[key] = classifier_accuracy(images, labels, judge)
+            if bundled[which]:
+                out[key + "_rel"] = out[key] / classifier_test_accuracy(which)
     if reference is not None:
         out["psnr"] = float(psnr(images, reference).clamp(max=1e3).mean())
         out["ssim"] = float(ssim(images, reference).mean())

@@ -90,6 +90,13 @@ def test_metrics_are_those_of_each_rows_images(setup):
     assert row.fid_fmnist == pytest.approx(evaluate.fid_fmnist(cached, classifier, reference))
     assert row.accuracy == pytest.approx(evaluate.classifier_accuracy(cached, labels, classifier))
     assert row.psnr == pytest.approx(float(evaluate.psnr(cached, uncached).clamp(max=1e3).mean()))
+    # The strict judge is the bundled one (not overridden here); precision/recall live in the FID
+    # classifier's feature space, against as many test images as samples.
+    assert row.strict_accuracy == pytest.approx(
+        evaluate.classifier_accuracy(cached, labels, evaluate.load_classifier("cpu", "strict")))
+    expected = evaluate.precision_recall(evaluate.classifier_features(cached, classifier),
+                                         evaluate.real_features(N, classifier=classifier))
+    assert (row.precision, row.recall) == pytest.approx(expected)
     assert row.psnr < 1e3  # caching changed the images: same noise, different computation
 
 
@@ -104,11 +111,17 @@ def test_bundled_routers_load_and_fit_the_testbed_dit():
     from harmonica.testbed.routers import available, load_router
 
     assert {("harmonica", "ddim", 20), ("l2c", "ddim", 20)} <= set(available())
+    dit = tb.load().transformer
+    trained_step = json.loads((tb.DIT_DIR / "training.json").read_text())["step"]
     for method in ("harmonica", "l2c"):
         router = load_router(method, "ddim", 20)
         assert router.metadata["method"] == method and router.metadata["sampler"] == "ddim"
         schedule = router.to_schedule(router.metadata["threshold"])
         assert schedule.cache_usage == router.metadata["achieved_cur"]
-        schedule.check_compatible(num_blocks=8, model_class="DiTTransformer2DModel", block_width=128, num_steps=20)
+        schedule.check_compatible(num_blocks=len(dit.transformer_blocks), model_class="DiTTransformer2DModel",
+                                  block_width=dit.config.num_attention_heads * dit.config.attention_head_dim,
+                                  num_steps=20)
+        # Trained for exactly the bundled weights (the export records their step).
+        assert router.metadata["dit_training_step"] == trained_step
     with pytest.raises(FileNotFoundError, match=r"no bundled router for method='harmonica', sampler='ddim', steps=7"):
         load_router("harmonica", "ddim", 7)

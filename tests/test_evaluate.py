@@ -186,12 +186,13 @@ def test_precision_recall_known_cases():
 # -------------------------------------------------------------------------------- strict classifier
 
 def test_strict_classifier_is_the_recipe_and_its_recorded_accuracy_holds(test_slice):
-    from harmonica.testbed.classifier import RECIPES
+    from harmonica.testbed.classifier import RECIPES, FlatCNN, FMNISTClassifier
 
     assert RECIPES["strict"].max_shift == 0 and RECIPES["strict"].label_smoothing == 0.0
     images, labels = test_slice
     strict = ev.load_classifier("cpu", "strict")
-    assert strict is not ev.load_classifier("cpu", "fid")
+    # An independent judge: another architecture than the FID classifier, not just other weights.
+    assert isinstance(strict, FlatCNN) and isinstance(ev.load_classifier("cpu", "fid"), FMNISTClassifier)
     acc = ev.classifier_accuracy(images, labels, strict)
     # The metadata holds the accuracy on all 10,000 test images; 2,000 of them agree to sampling error.
     assert abs(acc - ev.classifier_test_accuracy("strict")) < 0.02

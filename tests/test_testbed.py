@@ -109,8 +109,8 @@ def test_dit_run_with_held_out_evaluation_writes_best_weights_and_curves(tmp_pat
 
     out = tmp_path / "out"
     main(["--what", "dit", "--run-dir", str(tmp_path / "run"), "--dit-steps", "3", "--batch-size", "4",
-          "--warmup", "2", "--log-every", "1", "--eval-every", "2", "--eval-samples", "12",
-          "--eval-loss-images", "16", "--final-guidance", "2", "--out", str(out)])
+          "--warmup", "2", "--log-every", "1", "--eval-every", "2", "--eval-samples", "8",
+          "--eval-loss-images", "8", "--final-guidance", "2", "--out", str(out)])
     doc = curves.load(out / "dit_L8-d128-p4_curves.json")
     # Evaluated at step 2 and, since training stopped between intervals, at the last step.
     assert [e["step"] for e in doc["evals"]] == [2, 3]
@@ -136,6 +136,18 @@ def test_dit_run_with_held_out_evaluation_writes_best_weights_and_curves(tmp_pat
         torch.testing.assert_close(v, state[k].float(), rtol=0, atol=0)
     assert "| run |" in curves.summary([doc])
     assert curves.plot([doc], tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_learning_rate_schedule_warmup_constant_cooldown():
+    from harmonica.testbed.train import build_parser, learning_rate
+
+    plain = build_parser().parse_args(["--lr", "1e-3", "--warmup", "10"])
+    assert learning_rate(plain, 0) == pytest.approx(1e-4) and learning_rate(plain, 9) == 1e-3
+    assert learning_rate(plain, 10 ** 6) == 1e-3
+    wsd = build_parser().parse_args(["--lr", "1e-3", "--warmup", "10", "--cooldown-from", "100",
+                                     "--cooldown-steps", "50"])
+    assert learning_rate(wsd, 100) == 1e-3 and learning_rate(wsd, 125) == pytest.approx(5e-4)
+    assert learning_rate(wsd, 150) == 0.0 and learning_rate(wsd, 400) == 0.0
 
 
 @pytest.mark.parametrize("name", list(__import__("harmonica.testbed.model", fromlist=["x"]).ARCHITECTURES))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 # Panels: (key in an evaluation row, y-axis label). The training loss panel comes first.
 EVAL_PANELS = (
-    ("test_loss", "held-out denoising MSE (10k test images)"),
+    ("test_loss", "held-out denoising MSE (test images)"),
     ("fid_fmnist", "FID-FMNIST (lower is better)"),
     ("strict_accuracy_rel", "accuracy / classifier's test accuracy"),
     ("precision", "precision and recall (k = 3)"),
@@ -61,7 +61,11 @@ def summary(docs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(docs: list[dict], path: str | Path, title: str = "") -> Path:
+def plot(docs: list[dict], path: str | Path, title: str = "", baseline: dict | None = None,
+         baseline_label: str = "start", xlabel: str = "optimiser step") -> Path:
+    """One panel of training loss and one per held-out measure, runs overlaid. ``baseline``: an
+    evaluation row of the starting weights (e.g. those a run was initialised from), drawn in black
+    at its ``step``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,6 +89,15 @@ def plot(docs: list[dict], path: str | Path, title: str = "") -> Path:
         if best:
             b = min(best, key=lambda e: e["fid_fmnist"])
             axes[2].plot([b["step"]], [b["fid_fmnist"]], "*", color=colour, ms=12)
+    if baseline is not None:
+        for ax, (key, _) in zip(axes[1:], EVAL_PANELS):
+            if key in baseline:
+                ax.plot([baseline["step"]], [baseline[key]], "kx", ms=8, mew=2, label=baseline_label)
+        if "accuracy_rel" in baseline:
+            axes[3].plot([baseline["step"]], [baseline["accuracy_rel"]], "kx", ms=8, mew=2, alpha=0.5)
+        if "recall" in baseline:
+            axes[4].plot([baseline["step"]], [baseline["recall"]], "kx", ms=8, mew=2, alpha=0.5)
+        axes[1].legend(fontsize=7)
     axes[0].set_ylabel("training loss (batch MSE, mean per log interval)")
     axes[0].set_yscale("log")
     for ax, (key, ylabel) in zip(axes[1:], EVAL_PANELS):
@@ -96,7 +109,7 @@ def plot(docs: list[dict], path: str | Path, title: str = "") -> Path:
     axes[4].set_title("precision (solid), recall (dashed)", fontsize=9)
     axes[2].set_title("star: selected weights", fontsize=9)
     for ax in axes:
-        ax.set_xlabel("optimiser step")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     if title:
@@ -115,12 +128,16 @@ def main(argv=None) -> str:
     p.add_argument("curves", nargs="+", help="curves JSON files")
     p.add_argument("--png", default=None, help="write the plot here")
     p.add_argument("--title", default="")
+    p.add_argument("--baseline", default=None, help="JSON file with one evaluation row of the starting weights")
+    p.add_argument("--baseline-label", default="start")
+    p.add_argument("--xlabel", default="optimiser step")
     args = p.parse_args(argv)
     docs = [load(c) for c in args.curves]
     text = summary(docs)
     print(text)
     if args.png:
-        print(f"wrote {plot(docs, args.png, args.title)}")
+        baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
+        print(f"wrote {plot(docs, args.png, args.title, baseline, args.baseline_label, args.xlabel)}")
     return text
 
 

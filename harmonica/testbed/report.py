@@ -4,10 +4,12 @@
     python -m harmonica.testbed.report --sweep 1,1.5,2,3,4   # plus a guidance sweep
 
 For each setting it generates ``--num-samples`` images (an equal number per class, seed 0, DDIM 20
-steps unless told otherwise) and reports the classifier accuracy against the conditioning labels and
-FID-FMNIST against the 10k test images. Two references at the same sample count frame the numbers:
-real training images (the floor a perfect generator would reach at this N) and the untrained DiT
-(same config, freshly initialised).
+steps unless told otherwise) and reports every measure of :func:`harmonica.evaluate.quality`:
+FID-FMNIST against the 10k test images, the accuracy of both classifiers against the conditioning
+labels (also as a fraction of each classifier's own test accuracy), and precision/recall (k = 3)
+against as many test images. Two references at the same sample count frame the numbers: real
+training images (what a perfect generator would reach at this N) and the untrained DiT (same
+config, freshly initialised).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def balanced_labels(n: int) -> torch.Tensor:
 
 
 def measure(images: torch.Tensor, labels: torch.Tensor) -> dict:
-    return {"accuracy": ev.classifier_accuracy(images, labels), "fid_fmnist": ev.fid_fmnist(images)}
+    return ev.quality(images, labels)
 
 
 def real_data_reference(n: int, seed: int = 0) -> dict:
@@ -43,7 +45,8 @@ def untrained_reference(bed: Testbed, labels: torch.Tensor, args) -> dict:
     from .model import DIT_CONFIG, build_dit
 
     torch.manual_seed(args.seed)
-    fresh = build_dit(dict(DIT_CONFIG)).eval().requires_grad_(False)
+    config = {k: bed.transformer.config[k] for k in DIT_CONFIG}  # the loaded model's shape
+    fresh = build_dit(config).eval().requires_grad_(False)
     images = generate(bed, labels, seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       sampler=args.sampler, transformer=fresh)
     return measure(images, labels)
@@ -61,9 +64,10 @@ def main(argv=None) -> dict:
     p.add_argument("--no-references", action="store_true", help="skip the real-data and untrained rows")
     p.add_argument("--out", default="runs/testbed/report.json")
     p.add_argument("--save-grid", default="", help="write a PNG grid of the first 100 default samples")
+    p.add_argument("--dit-dir", default=None, help="an exported testbed DiT directory (default: the bundled one)")
     args = p.parse_args(argv)
 
-    bed = load()
+    bed = load(dit_dir=args.dit_dir)
     labels = balanced_labels(args.num_samples)
     rows = {}
     scales = [args.guidance] + [float(s) for s in args.sweep.split(",") if s and float(s) != args.guidance]
@@ -85,10 +89,18 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{args.num_samples} samples, {args.sampler} {args.steps} steps, seed {args.seed}\n")
-    print("| model | accuracy | FID-FMNIST |\n|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['accuracy']:.3f} | {r['fid_fmnist']:.2f} |")
+    print(markdown(rows))
     return result
+
+
+def markdown(rows: dict) -> str:
+    lines = ["| model | FID-FMNIST | accuracy (/ test acc.) | strict accuracy (/ test acc.) | precision | recall |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['fid_fmnist']:.2f} | {r['accuracy']:.3f} ({r['accuracy_rel']:.3f}) | "
+                     f"{r['strict_accuracy']:.3f} ({r['strict_accuracy_rel']:.3f}) | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} |")
+    return "\n".join(lines)
 
 
 def _save_grid(images: torch.Tensor, path: str) -> None:

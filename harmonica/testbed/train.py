@@ -239,6 +239,8 @@ def train_dit(args) -> Path:
             curves["train"], curves["evals"] = (json.loads(curves_path.read_text())[k] for k in ("train", "evals"))
         log(f"resumed DiT from {path} at step {step} ({wall / 60:.1f} min so far)")
     else:
+        if args.init_from:
+            _initialise_from(model, ema, args.init_from, config)
         log(f"new DiT run on {curves['device']}: config {json.dumps(config)}; args {json.dumps(vars(args))}")
 
     images, labels = (t.to(device) for t in load_tensors("train"))
@@ -286,7 +288,7 @@ def train_dit(args) -> Path:
         y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
         t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=noise_gen, device=device)
         eps = torch.randn(x0.shape, generator=noise_gen, device=device)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = learning_rate(args, step)
         train_step.set_lr(lr)
         loss, grad_norm = train_step(x0, y, t, eps)
         if step == (1 if cuda_graph else 0):  # a graph is captured at the second step
@@ -328,6 +330,31 @@ def train_dit(args) -> Path:
             _write_outputs(Path(args.out), args.arch, config, curves, best, ema.state_dict())
     log(f"DiT stopped at step {step} after {time.time() - started:.0f} s ({wall:.0f} s in training steps)")
     return path
+
+
+def learning_rate(args, step: int) -> float:
+    """Linear warm-up over ``--warmup`` steps, constant, and with ``--cooldown-steps`` a linear decay to
+    zero that starts at ``--cooldown-from`` (a warmup-stable-decay schedule: the cool-down can be
+    appended to a finished constant-rate run by resuming it with these two flags)."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.cooldown_steps:
+        lr *= min(1.0, max(0.0, 1.0 - (step - args.cooldown_from) / args.cooldown_steps))
+    return lr
+
+
+def _initialise_from(model, ema, directory: str, config: dict) -> None:
+    """Start model and EMA from an exported testbed DiT (e.g. the previous bundled weights, to continue
+    their training with this run's recipe; the optimizer starts fresh, behind the lr warm-up)."""
+    from diffusers import DiTTransformer2DModel
+
+    source = DiTTransformer2DModel.from_pretrained(directory, torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    mismatched = {k: (source.config[k], v) for k, v in config.items() if source.config[k] != v}
+    if mismatched:
+        raise ValueError(f"--init-from {directory} has another shape than --arch: {mismatched} (theirs, ours)")
+    state = source.state_dict()
+    with torch.no_grad():
+        model.load_state_dict(state)
+        ema.load_state_dict(state)
 
 
 def _device_name(device: torch.device) -> str:
@@ -491,7 +518,7 @@ def _accuracy(model, images, labels, batch_size=1000) -> float:
 
 def train_classifier(args, recipe_name: str = "fid") -> Path:
     """Train one of the bundled classifiers (``classifier.RECIPES``); resumable like the DiT."""
-    from .classifier import RECIPES, FMNISTClassifier
+    from .classifier import RECIPES, build_classifier
 
     recipe = RECIPES[recipe_name]
     seed = args.seed + recipe.seed_offset
@@ -500,7 +527,7 @@ def train_classifier(args, recipe_name: str = "fid") -> Path:
     path = out / "ckpt.safetensors"
     log = _Log(out / "train.log")
     torch.manual_seed(seed)
-    model = FMNISTClassifier()
+    model = build_classifier(recipe_name)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.cls_lr, weight_decay=5e-4)
     aug_gen = torch.Generator().manual_seed(seed + 2)
     images, labels = load_tensors("train")
@@ -570,12 +597,12 @@ def export_classifier(run_dir: Path, assets_dir: Path = ASSETS_DIR, recipe_name:
     """Write a classifier's weights (with its test accuracy in the metadata) into ``assets_dir``; for the
     FID classifier also the FID reference statistics of the 10k test images."""
     from safetensors.torch import save_file
-    from .classifier import RECIPES, FMNISTClassifier
+    from .classifier import RECIPES, build_classifier
     from ..evaluate import feature_statistics
 
     recipe = RECIPES[recipe_name]
     tensors, meta = ckpt.load(Path(run_dir) / _classifier_run_name(recipe_name) / "ckpt.safetensors")
-    model = FMNISTClassifier()
+    model = build_classifier(recipe_name)
     model.load_state_dict(ckpt.unprefixed(tensors, "model."))
     model.eval()
     test_images, test_labels = load_tensors("test")
@@ -619,11 +646,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CUDA: replay each training step as one captured CUDA graph (checked against an eager "
                         "step first; falls back to eager)")
     g.add_argument("--dit-steps", type=int, default=100_000, help="stop after this many optimiser steps")
+    g.add_argument("--init-from", default=None,
+                   help="a new run starts from this exported DiT's weights (model and EMA) instead of DiT's init")
     g.add_argument("--time-budget", type=float, default=0.0,
                    help="also stop after this many seconds of this invocation, evaluations included (0: none)")
     g.add_argument("--batch-size", type=int, default=512)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--warmup", type=int, default=1000)
+    g.add_argument("--cooldown-from", type=int, default=0, help="step at which the learning rate starts to decay")
+    g.add_argument("--cooldown-steps", type=int, default=0, help="linear decay to zero over this many steps (0: none)")
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--ema-decay", type=float, default=0.9995)
     g.add_argument("--class-dropout", type=float, default=0.1)
@@ -646,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoint)")
     g.add_argument("--which", choices=("best", "last"), default="best", help="EMA weights to export")
     g = p.add_argument_group("classifier")
-    g.add_argument("--cls-epochs", type=int, default=None, help="default: the recipe's (FID 4, strict 6)")
+    g.add_argument("--cls-epochs", type=int, default=None, help="default: the recipe's (FID 4, strict 8)")
     g.add_argument("--cls-batch-size", type=int, default=128)
     g.add_argument("--cls-lr", type=float, default=2e-3)
     return p
