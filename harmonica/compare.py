@@ -18,7 +18,7 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 

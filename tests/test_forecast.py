@@ -3,7 +3,6 @@ independent reference that interpolates the recorded branch outputs with Lagrang
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

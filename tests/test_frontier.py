@@ -8,7 +8,6 @@ recomputes nothing, and that a changed schedule is measured afresh.
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -147,7 +146,7 @@ def test_outputs_and_verdicts(run, tmp_path):
     doc = json.loads((out / "frontier.json").read_text())
     assert [r["name"] for r in doc["rows"]] == [r["name"] for r in table.rows]
     md = (out / "table.md").read_text()
-    assert md.count(f"\n| ") >= len(table.rows) + 1 and "PSNR vs DDIM-200" in md
+    assert md.count("\n| ") >= len(table.rows) + 1 and "PSNR vs DDIM-200" in md
     verdicts = {v["name"]: v for v in table.verdicts()}
     assert set(verdicts) == {"FORA N=2", "TaylorSeer o1 N=2", "TaylorSeer o2 N=2", "harmonica-o1", "full"}
     for v in verdicts.values():

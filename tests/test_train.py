@@ -14,7 +14,6 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler, PixArtTransformer2DModel
 from diffusers import LMSDiscreteScheduler
 from safetensors import safe_open

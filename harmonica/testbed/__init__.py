@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
+from .data import CLASS_NAMES, NUM_CLASSES
 
 __all__ = [
     "ASSETS_DIR", "DEFAULT_GUIDANCE", "DEFAULT_STEPS", "DEFAULT_SAMPLER", "CLASS_NAMES", "NUM_CLASSES",

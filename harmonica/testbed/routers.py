@@ -23,7 +23,6 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from ..schedule import Router
 from . import ASSETS_DIR, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Testbed

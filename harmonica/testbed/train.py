@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -127,7 +126,7 @@ class DiffusionStep:
     def _capture(self, x0, y, t, eps) -> None:
         state = self._state()
         snapshot = [v.clone() for v in state]
-        reference = self._eager(x0, y, t, eps)
+        self._eager(x0, y, t, eps)  # the eager step whose parameters the captured one must reproduce
         eager_params = [p.detach().clone() for p in self.params]
         with torch.no_grad():
             for v, saved in zip(state, snapshot):
