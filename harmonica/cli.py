@@ -358,22 +358,27 @@ def _train(transformer, args):
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _testbed_runs(bed, schedule, labels, args):
-    """Uncached and cached samples of the testbed from the same noise, with their best wall times."""
+def _testbed_runs(bed, contenders: dict, labels, args) -> tuple[dict, dict]:
+    """Samples of the testbed from the same noise for each contender (name -> (schedule or None, steps)),
+    and their best wall times over interleaved rounds."""
     from . import testbed
     from .timing import best_times, cached_copy
 
-    kwargs = dict(seed=args.seed, num_inference_steps=schedule.num_steps, guidance_scale=args.guidance,
-                  sampler=args.scheduler, progress=not args.quiet)
-    models = {"uncached": bed.transformer, "cached": cached_copy(bed.transformer, schedule)}
     images = {}
 
     def run(name):
-        images[name] = testbed.generate(bed, labels, transformer=models[name], **kwargs)
+        schedule, steps = contenders[name]
+        model = models[name]
+        images[name] = testbed.generate(bed, labels, transformer=model, seed=args.seed, num_inference_steps=steps,
+                                        guidance_scale=args.guidance, sampler=args.scheduler,
+                                        progress=not args.quiet)
 
+    models = {name: bed.transformer if schedule is None else cached_copy(bed.transformer, schedule)
+              for name, (schedule, _) in contenders.items()}
     # No separate warm-up: the first round warms the allocator and thread pool, and the best round counts.
-    times = best_times({name: (lambda name=name: run(name)) for name in models}, repeats=args.rounds, warmup=False)
-    return images["uncached"], images["cached"], times["uncached"], times["cached"]
+    times = best_times({name: (lambda name=name: run(name)) for name in contenders}, repeats=args.rounds,
+                       warmup=False)
+    return images, times
 
 
 def torch_arange_labels(n: int, num_classes: int):
@@ -395,7 +400,10 @@ def check_demo(args) -> None:
         args.train_config, args.train_scheduler = _prepare_training(
             args, method="harmonica", batch_size=8, iterations=args.iterations or 40)
     else:
-        args.router = _bundled_router("harmonica", args.scheduler, args.steps)
+        from .testbed.routers import DEMO_ROUTER
+
+        args.router_name = DEMO_ROUTER
+        args.router = _bundled_router(DEMO_ROUTER, args.scheduler, args.steps)
         _check_plan_fits(args.router.to_schedule(), args, "the bundled router", steps=args.steps,
                          sampler=_sampler(args, args.scheduler))
 
@@ -412,39 +420,58 @@ def cmd_demo(args) -> int:
         log.info("training a HarmoniCa router on the testbed (%d trajectories)", args.train_config.iterations)
         router = _train(bed.transformer, args)
         router.save(out / "router.safetensors")
+        args.router_name = "harmonica (trained by --train)"
     else:
         router = args.router
     schedule = router.to_schedule()
-    labels = torch_arange_labels(args.num_images, len(bed.class_names))
-    log.info("sampling %d images with and without the cache (%s, %d steps, guidance %.1f)",
-             args.num_images, args.scheduler, args.steps, args.guidance)
-    uncached, cached, t_uncached, t_cached = _testbed_runs(bed, schedule, labels, args)
     cost = model_cost(bed.transformer, batch=2 * min(args.num_images, 250))
+    theoretical = schedule.theoretical_speedup(cost)
+    # The trivial alternative at the same speed: the step count whose FLOPs match the cached run's.
+    fewer = max(1, round(args.steps / theoretical))
+    labels = torch_arange_labels(args.num_images, len(bed.class_names))
+    log.info("sampling %d images uncached, cached and with %d steps (%s, %d steps, guidance %.1f)",
+             args.num_images, fewer, args.scheduler, args.steps, args.guidance)
+    images, times = _testbed_runs(bed, {"uncached": (None, args.steps), "cached": (schedule, args.steps),
+                                        "fewer": (None, fewer)}, labels, args)
+    uncached = images["uncached"]
+
+    def row(name):
+        return {"seconds": times[name], "measured_speedup": times["uncached"] / times[name],
+                "psnr_vs_uncached_db": float(evaluate.psnr(images[name], uncached).mean()),
+                "ssim_vs_uncached": float(evaluate.ssim(images[name], uncached).mean()),
+                "accuracy": evaluate.classifier_accuracy(images[name], labels)}
+
     summary = {
         "images": args.num_images,
+        "router": args.router_name,
+        "forecast_order": router.forecast_order,
         "cache_usage": schedule.cache_usage,
-        "theoretical_speedup": schedule.theoretical_speedup(cost),
-        "measured_speedup": t_uncached / t_cached,
-        "uncached_seconds": t_uncached,
-        "cached_seconds": t_cached,
-        "psnr_vs_uncached_db": float(evaluate.psnr(cached, uncached).mean()),
-        "ssim_vs_uncached": float(evaluate.ssim(cached, uncached).mean()),
-        "accuracy_uncached": evaluate.classifier_accuracy(uncached, labels),
-        "accuracy_cached": evaluate.classifier_accuracy(cached, labels),
+        "theoretical_speedup": theoretical,
+        "uncached": {"steps": args.steps, "seconds": times["uncached"],
+                     "accuracy": evaluate.classifier_accuracy(uncached, labels)},
+        "cached": {"steps": args.steps, **row("cached")},
+        "fewer_steps": {"steps": fewer, "theoretical_speedup": args.steps / fewer, **row("fewer")},
     }
+    cached = summary["cached"]
     out.mkdir(parents=True, exist_ok=True)
     n_show = min(10, args.num_images)
-    save_image_grid([uncached[:n_show], cached[:n_show]], out / "samples.png", row_labels=["uncached", "cached"],
+    save_image_grid([uncached[:n_show], images["cached"][:n_show], images["fewer"][:n_show]], out / "samples.png",
+                    row_labels=["uncached", "cached", f"{fewer} steps"],
                     column_labels=[bed.class_names[int(y)] for y in labels[:n_show]],
                     title=f"same noise, {args.steps} {args.scheduler} steps; cached: CUR {schedule.cache_usage:.0%}, "
-                          f"{summary['measured_speedup']:.2f}x faster")
+                          f"{cached['measured_speedup']:.2f}x faster; {fewer} steps: "
+                          f"{summary['fewer_steps']['measured_speedup']:.2f}x")
     plot_schedule(router, out / "schedule.png",
-                  title=f"HarmoniCa router, testbed DiT, {args.scheduler} {args.steps} steps")
+                  title=f"{summary['router']} router, testbed DiT, {args.scheduler} {args.steps} steps")
     write_text(out / "summary.json", json.dumps(summary, indent=2), "--out")
-    print(f"cache usage {summary['cache_usage']:.1%} | speedup {summary['measured_speedup']:.2f}x measured, "
-          f"{summary['theoretical_speedup']:.2f}x theoretical | PSNR {summary['psnr_vs_uncached_db']:.1f} dB, "
-          f"SSIM {summary['ssim_vs_uncached']:.3f} vs uncached | classifier accuracy "
-          f"{summary['accuracy_uncached']:.1%} uncached, {summary['accuracy_cached']:.1%} cached")
+    print(f"uncached, {args.steps} steps: {times['uncached']:.2f} s, classifier accuracy "
+          f"{summary['uncached']['accuracy']:.1%}")
+    for name, label in (("cached", f"cached ({summary['router']}, CUR {schedule.cache_usage:.1%}, "
+                                   f"{theoretical:.2f}x theoretical)"),
+                        ("fewer_steps", f"fewer steps ({fewer}, {args.steps / fewer:.2f}x theoretical)")):
+        r = summary[name]
+        print(f"{label}: {r['measured_speedup']:.2f}x measured | PSNR {r['psnr_vs_uncached_db']:.1f} dB, "
+              f"SSIM {r['ssim_vs_uncached']:.3f} vs uncached | classifier accuracy {r['accuracy']:.1%}")
     print(f"wrote {out / 'samples.png'}, {out / 'schedule.png'}, {out / 'summary.json'}")
     return 0
 
@@ -501,7 +528,9 @@ def cmd_sample(args) -> int:
     bed = testbed.load()
     schedule = args.plan
     labels = torch_arange_labels(args.num_images, len(bed.class_names))
-    _, cached, t_uncached, t_cached = _testbed_runs(bed, schedule, labels, args)
+    images, times = _testbed_runs(bed, {"uncached": (None, schedule.num_steps), "cached": (schedule, schedule.num_steps)},
+                                  labels, args)
+    cached, t_uncached, t_cached = images["cached"], times["uncached"], times["cached"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_image_grid([cached[i:i + 10] for i in range(0, len(cached), 10)], out / "samples.png",

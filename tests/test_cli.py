@@ -83,8 +83,13 @@ def test_demo_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 < summary["cache_usage"] < 1
     assert summary["theoretical_speedup"] > 1
-    assert summary["psnr_vs_uncached_db"] > 10  # cached images stay close to the uncached ones
-    assert "speedup" in result.stdout and "cache usage" in result.stdout
+    assert summary["cached"]["psnr_vs_uncached_db"] > 10  # cached images stay close to the uncached ones
+    # the fewer-steps row runs as many steps as the cached run's FLOPs buy
+    assert summary["fewer_steps"]["steps"] == round(20 / summary["theoretical_speedup"])
+    assert summary["fewer_steps"]["psnr_vs_uncached_db"] > 10
+    lines = result.stdout.splitlines()
+    assert [line.split(" ")[0] for line in lines[:3]] == ["uncached,", "cached", "fewer"]
+    assert "measured" in lines[1] and "measured" in lines[2]
     for png in ("samples.png", "schedule.png"):
         assert matplotlib.image.imread(tmp_path / png).shape[0] > 100
 

@@ -29,7 +29,12 @@ from . import ASSETS_DIR, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Test
 
 ROUTERS_DIR = ASSETS_DIR / "routers"
 
-__all__ = ["ROUTERS_DIR", "RECIPES", "available", "load_router", "router_path", "load_testbed", "train_recipe", "main"]
+__all__ = ["ROUTERS_DIR", "RECIPES", "DEMO_ROUTER", "available", "load_router", "router_path", "load_testbed", "train_recipe", "main"]
+
+
+# The router `harmonica demo` shows: the best bundled one at the testbed's default sampler and steps by
+# the frontier (RESULTS.md), a file stem's method part.
+DEMO_ROUTER = "harmonica"
 
 
 def router_path(method: str, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS) -> Path:
