@@ -469,7 +469,7 @@ def _time(bed, rows, results, generate, kw, timing_samples: int, rounds: int, pr
 def plot(frontiers: Sequence[Frontier], path, title: Optional[str] = None) -> Path:
     """Quality vs speed, one curve per family: FID-FMNIST, strict accuracy and PSNR vs DDIM-200 (one row
     of panels per frontier). The x axis is the measured speedup (theoretical where a row was not timed)."""
-    from .viz import _pyplot
+    from .viz import _pyplot, save_figure
 
     plt = _pyplot()
     panels = (("fid_fmnist", "FID-FMNIST (lower is better)", 1.0), ("strict_accuracy", "strict accuracy %", 100.0),
@@ -516,12 +516,7 @@ def plot(frontiers: Sequence[Frontier], path, title: Optional[str] = None) -> Pa
         axes[i][-1].legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

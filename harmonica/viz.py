@@ -73,11 +73,7 @@ def plot_schedule(
     axes[2].set_yticks(range(0, steps, max(1, steps // 10)))
     heading = title or f"{type(schedule_or_router).__name__}: {steps} steps x {blocks} blocks"
     fig.suptitle(f"{heading}  (CUR {schedule.cache_usage:.1%}; x = reused from cache)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, tight=False)
 
 
 def save_image_grid(
@@ -108,7 +104,15 @@ def save_image_grid(
                 ax.set_title(column_labels[c], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path, *, tight: bool = True) -> Path:
+    """Write ``fig`` to ``path`` (folders created, format from the suffix) and close it: every plot of
+    the package goes out this way, at one resolution."""
+    plt = _pyplot()
+    if tight:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

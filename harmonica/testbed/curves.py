@@ -66,11 +66,9 @@ def plot(docs: list[dict], path: str | Path, title: str = "", baseline: dict | N
     """One panel of training loss and one per held-out measure, runs overlaid. ``baseline``: an
     evaluation row of the starting weights (e.g. those a run was initialised from), drawn in black
     at its ``step``."""
-    import matplotlib
+    from ..viz import _pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 1 + len(EVAL_PANELS), figsize=(4.2 * (1 + len(EVAL_PANELS)), 3.6))
     for i, doc in enumerate(docs):
         colour, label = f"C{i}", run_label(doc)
@@ -114,12 +112,7 @@ def plot(docs: list[dict], path: str | Path, title: str = "", baseline: dict | N
     axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> str:
