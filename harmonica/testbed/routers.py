@@ -4,16 +4,14 @@
     router = load_router("harmonica", "ddim", 20)
     hc.enable_cache(bed.transformer, router.to_schedule())  # at the threshold it was trained to
 
-Retrain (writes assets/routers/<method>_<sampler>_<steps>.safetensors; settings in the file's metadata):
+Every bundled router is a named recipe (:data:`RECIPES`: file stem -> training settings), trained with
+checkpoints in ``--work-dir`` and resumed from them when interrupted; the settings land in the file's
+metadata. Retrain one, or all of them for another DiT:
 
-    python -m harmonica.testbed.routers --method harmonica --iterations 80 --target-speedup 1.6
-    python -m harmonica.testbed.routers --method l2c --updates-like-harmonica 80 --target-speedup 1.6 --lr 0.01
+    python -m harmonica.testbed.routers --recipe harmonica_ddim_20
+    python -m harmonica.testbed.routers --recipe all --dit-dir D --out-dir O [--work-dir runs/routers]
 
-The forecasting routers (issue 15) are named recipes (:data:`RECIPES`), trained in sequence with
-checkpoints, each resumed from its checkpoint when interrupted; ``--dit-dir``/``--out-dir`` retrain
-them all for another DiT in one command:
-
-    python -m harmonica.testbed.routers --recipe all [--dit-dir D --out-dir O] [--work-dir runs/routers]
+(``--method`` with ``--iterations`` trains a router outside the recipes.)
 """
 
 from __future__ import annotations
@@ -49,6 +47,9 @@ def router_path(method: str, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAUL
 _T50 = dict(sampler="ddim", steps=50, iterations=60, iepo_refresh=30)
 _T20 = dict(sampler="ddim", steps=20, iterations=80, iepo_refresh=40)
 RECIPES: dict[str, dict] = {
+    # The reuse routers of the comparison table: HarmoniCa and L2C at the same target and update count.
+    "harmonica_ddim_20": dict(_T20, method="harmonica", target_speedup=1.6, lr=0.01),
+    "l2c_ddim_20": dict(_T20, method="l2c", target_speedup=1.6, lr=0.01, iterations=80 * 19),
     "harmonica-o2-x2.0_ddim_20": dict(_T20, method="harmonica", forecast_order=2, target_speedup=2.0),
     "harmonica-o2-x3.0_ddim_50": dict(_T50, method="harmonica", forecast_order=2, target_speedup=3.0),
     "harmonica-o1-x2.0_ddim_20": dict(_T20, method="harmonica", forecast_order=1, target_speedup=2.0),
