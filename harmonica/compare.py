@@ -213,6 +213,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, *, progress: bool = True) -> ComparisonTable:
     """The comparison for parsed :func:`add_arguments` options."""
+    from .formats import write_text
     from .testbed import DEFAULT_SAMPLER, DEFAULT_STEPS
     from .testbed.routers import available, load_router, load_testbed
 
@@ -237,8 +238,8 @@ def run(args: argparse.Namespace, *, progress: bool = True) -> ComparisonTable:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "table.md").write_text(text)
-        (out / "table.json").write_text(json.dumps(table.to_json(), indent=2, allow_nan=True) + "\n")
+        write_text(out / "table.md", text, "--out")
+        write_text(out / "table.json", json.dumps(table.to_json(), indent=2, allow_nan=True) + "\n", "--out")
     return table
 
 

@@ -250,11 +250,12 @@ class Frontier:
         return "\n".join(lines) + "\n"
 
     def save(self, out: Path) -> None:
+        from .formats import write_text
+
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "frontier.json.tmp"
-        tmp.write_text(json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n")
-        tmp.replace(out / "frontier.json")  # atomic: an interrupted run leaves the previous state
-        (out / "table.md").write_text(self.markdown())
+        # atomic: an interrupted run leaves the previous state
+        write_text(out / "frontier.json", json.dumps(self.to_json(), indent=1, allow_nan=True) + "\n", "--out")
+        write_text(out / "table.md", self.markdown(), "--out")
 
 
 def load(out) -> Frontier:
