@@ -1,6 +1,6 @@
 """Small Fashion-MNIST CNNs that judge the testbed's samples.
 
-Two classifiers of the same architecture, trained differently:
+Two classifiers, of different architectures and trained differently:
 
 * ``"fid"``: the feature space of FID-FMNIST and precision/recall. Trained with random shifts and
   label smoothing, so its features do not hinge on pixel-exact alignment.
