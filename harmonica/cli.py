@@ -815,7 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_comparison_arguments(p)
 
     p = command("frontier", check_frontier, cmd_frontier, prog=f"{parser.prog} evaluate --frontier",
-                help=argparse.SUPPRESS, description="quality vs measured speed of every way of sampling faster on "
+                help="quality vs measured speed of every method on the testbed (= evaluate --frontier)",
+                description="quality vs measured speed of every way of sampling faster on "
                      "the testbed (harmonica.frontier); run as `harmonica evaluate --frontier`")
     add_frontier_arguments(p)
 
