@@ -543,3 +543,22 @@ def test_warm_runs_allocate_no_slot_storage_and_peak_is_the_liveness_bound():
     assert runtime.peak_cache_bytes == liveness_peak(SCHEDULE.mask) * slot_bytes
     assert runtime.cache_bytes == 0 and runtime.slots.pooled_bytes <= runtime.peak_cache_bytes
     hc.disable_cache(model)
+
+
+def test_training_slots_are_never_pooled():
+    """Training stores each slot as a new tensor (store_new: autograd may still hold the old one). Those
+    tensors must neither be handed out again nor pile up in the pool run after run (an L2C run with
+    forecast tables grew by every update's slots, to 21 GB before the OOM killer stopped it)."""
+    from harmonica.cache.slots import SlotStore
+
+    store = SlotStore()
+    for _ in range(50):  # one "run" per optimiser update: every unit's table replaced at each step
+        for step in range(3):
+            for unit in range(4):
+                store.store_new(unit, torch.full((3, 2, 8), float(step)))
+        store.release()
+        assert store.pooled_bytes == 0 and store.cache_bytes == 0
+    kept = torch.zeros(3, 2, 8)
+    store.store_new("unit", kept)
+    store.free("unit")
+    assert store.slot_for("other", kept).data_ptr() != kept.data_ptr()  # its memory is not reused

@@ -30,6 +30,7 @@ class SlotStore:
         self.peak_cache_bytes = 0
         self.pooled_bytes = 0  # storage of freed slots kept for the next store of the same shape
         self.allocations = 0
+        self._not_recycled: set = set()  # keys stored by store_new: their memory is never handed out again
         self._kinds_used: set = set()  # (shape, dtype, device) stored since the last release  # fresh allocations so far (a warm run of the same shape makes none)
 
     def get(self, key: Hashable) -> torch.Tensor | None:
@@ -63,6 +64,7 @@ class SlotStore:
         the previous slot, so its storage must not be overwritten)."""
         self.free(key, recycle=False)
         self._live[key] = value
+        self._not_recycled.add(key)
         self.cache_bytes += _nbytes(value)
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
 
@@ -71,7 +73,9 @@ class SlotStore:
         if slot is None:
             return
         self.cache_bytes -= _nbytes(slot)
-        if recycle:
+        if key in self._not_recycled:  # training's slots: autograd may still hold them, and the pool
+            self._not_recycled.discard(key)  # would keep every run's (nothing takes them back out)
+        elif recycle:
             self._pool[(tuple(slot.shape), slot.dtype, slot.device)].append(slot)
             self.pooled_bytes += _nbytes(slot)
 
