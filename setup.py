@@ -152,7 +152,8 @@ setup(
     packages=find_packages(include=["harmonica", "harmonica.*"]),
     # package_data alone (no include_package_data): the asset folders are not Python packages, and
     # include_package_data makes setuptools warn about each of them on every build.
-    package_data={"harmonica": ["testbed/assets/**/*.safetensors", "testbed/assets/**/*.json", "testbed/assets/**/*.md"]},
+    package_data={"harmonica": ["testbed/assets/**/*.safetensors", "testbed/assets/**/*.json", "testbed/assets/**/*.md",
+                              "testbed/assets/**/*.png"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
