@@ -774,7 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", check_demo, cmd_demo,
                 help="cached vs uncached sampling of the bundled testbed DiT, with plots")
     common_sampling(p)
-    p.add_argument("--num-images", type=int, default=200, help="images per run (default %(default)s)")
+    p.add_argument("--num-images", type=int, default=100, help="images per run (default %(default)s)")
     p.add_argument("--rounds", type=int, default=2,
                    help="interleaved timing rounds, the first one warms up, best kept (default %(default)s)")
     p.add_argument("--out", default="outputs/demo", help="folder for samples.png, schedule.png, summary.json")
