@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     times = measure({name: run(name) for name in schedules}, repeats=args.rounds, warmup=True)
     cost = hc.model_cost(model, batch=2)
     base = times["uncached"].seconds
-    print(f"| schedule | seconds | measured speedup | theoretical | measured / theoretical |\n|---|---|---|---|---|")
+    print("| schedule | seconds | measured speedup | theoretical | measured / theoretical |\n|---|---|---|---|---|")
     for name, schedule in schedules.items():
         theoretical = 1.0 if schedule is None else schedule.theoretical_speedup(cost)
         measured = base / times[name].seconds

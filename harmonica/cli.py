@@ -364,17 +364,14 @@ def _testbed_runs(bed, contenders: dict, labels, args) -> tuple[dict, dict]:
     from . import testbed
     from .timing import best_times, cached_copy
 
+    models = {name: bed.transformer if schedule is None else cached_copy(bed.transformer, schedule)
+              for name, (schedule, _) in contenders.items()}
     images = {}
 
     def run(name):
-        schedule, steps = contenders[name]
-        model = models[name]
-        images[name] = testbed.generate(bed, labels, transformer=model, seed=args.seed, num_inference_steps=steps,
-                                        guidance_scale=args.guidance, sampler=args.scheduler,
-                                        progress=not args.quiet)
-
-    models = {name: bed.transformer if schedule is None else cached_copy(bed.transformer, schedule)
-              for name, (schedule, _) in contenders.items()}
+        images[name] = testbed.generate(bed, labels, transformer=models[name], seed=args.seed,
+                                        num_inference_steps=contenders[name][1], guidance_scale=args.guidance,
+                                        sampler=args.scheduler, progress=not args.quiet)
     # No separate warm-up: the first round warms the allocator and thread pool, and the best round counts.
     times = best_times({name: (lambda name=name: run(name)) for name in contenders}, repeats=args.rounds,
                        warmup=False)

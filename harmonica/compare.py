@@ -215,15 +215,10 @@ def run(args: argparse.Namespace, *, progress: bool = True) -> ComparisonTable:
     """The comparison for parsed :func:`add_arguments` options."""
     from .formats import write_text
     from .testbed import DEFAULT_SAMPLER, DEFAULT_STEPS
-    from .testbed.routers import available, load_router, load_testbed
+    from .testbed.routers import available, load_router, load_router_specs, load_testbed
 
     steps = args.steps or DEFAULT_STEPS
-    routers = {}
-    for spec in args.router:
-        name, _, path = spec.partition("=")
-        if not path:
-            raise SystemExit(f"--router expects NAME=PATH, got {spec!r}")
-        routers[name] = Router.load(path)
+    routers = load_router_specs(args.router)
     if not args.router:
         for method in ("l2c", "harmonica"):
             if (method, DEFAULT_SAMPLER, steps) in available():

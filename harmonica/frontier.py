@@ -562,11 +562,11 @@ def run(args: argparse.Namespace, *, progress: bool = True) -> Frontier | None:
         print(f"wrote {plot(frontiers, png)}")
         return None
     from .testbed import DEFAULT_SAMPLER, DEFAULT_STEPS
-    from .testbed.routers import available, load_router, load_testbed
+    from .testbed.routers import available, load_router, load_router_specs, load_testbed
 
     steps = args.steps or DEFAULT_STEPS
     sampler = args.scheduler or DEFAULT_SAMPLER
-    routers = {name: Router.load(path) for name, _, path in (spec.partition("=") for spec in args.router)}
+    routers = load_router_specs(args.router)
     if not args.router:
         routers = {m: load_router(m, s, n) for m, s, n in available() if (s, n) == (sampler, steps)}
     bed = load_testbed(args.dit_dir)

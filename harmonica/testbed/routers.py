@@ -27,7 +27,7 @@ from . import ASSETS_DIR, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Test
 
 ROUTERS_DIR = ASSETS_DIR / "routers"
 
-__all__ = ["ROUTERS_DIR", "RECIPES", "DEMO_ROUTER", "available", "load_router", "router_path", "load_testbed", "train_recipe", "main"]
+__all__ = ["ROUTERS_DIR", "RECIPES", "DEMO_ROUTER", "available", "load_router", "load_router_specs", "router_path", "load_testbed", "train_recipe", "main"]
 
 
 # The router `harmonica demo` shows: the best bundled one at the testbed's default sampler and steps by
@@ -103,6 +103,17 @@ def load_router(method: str, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAUL
             f"--steps {steps}`"
         )
     return Router.load(path)
+
+
+def load_router_specs(specs) -> dict[str, Router]:
+    """Routers from ``--router NAME=PATH`` options (the comparison's and the frontier's), by NAME."""
+    routers = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--router expects NAME=PATH, got {spec!r}")
+        routers[name] = Router.load(path)
+    return routers
 
 
 def load_testbed(dit_dir: Optional[str] = None) -> Testbed:
