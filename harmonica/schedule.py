@@ -606,6 +606,28 @@ class Router(_Plan, torch.nn.Module):
         logits = torch.randn(num_steps, num_blocks, 2, generator=generator) * std
         return cls(logits, metadata=metadata)
 
+    @classmethod
+    def from_schedule(cls, schedule: Schedule, *, confidence: float = 3.0) -> "Router":
+        """A router that starts as ``schedule`` (e.g. ``Schedule.taylorseer(T, L, 3, order=2)``): logit
+        +confidence where it computes, -confidence where it serves from the cache, so at any threshold
+        in (sigmoid(-confidence), sigmoid(confidence)) its schedule is ``schedule``. Training then moves
+        single units from a known-good plan instead of from noise. The skipped units must all be served
+        the same way (one forecast order: a router has one); step positions must be the step indices."""
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a harmonica Schedule, got {type(schedule).__name__}")
+        if not (isinstance(confidence, (int, float)) and math.isfinite(confidence) and confidence > 0):
+            raise ValueError(f"confidence must be a finite number > 0, got {confidence!r}")
+        skipped = schedule.orders[~schedule.mask]
+        if skipped.numel() and bool((skipped != skipped[0]).any()):
+            raise ValueError(f"schedule serves its skipped units with orders {sorted(set(skipped.tolist()))}; a "
+                             f"router has one forecast order: pass a schedule with one")
+        if schedule.metadata.get("coords") is not None:
+            raise ValueError("schedule forecasts over metadata['coords']; routers forecast over step indices: pass a "
+                             "schedule without coords")
+        order = int(skipped[0]) if skipped.numel() else 0
+        logits = torch.where(schedule.mask, float(confidence), -float(confidence))
+        return cls(logits, metadata={"forecast_order": order, "init_schedule": schedule.metadata})
+
     @property
     def num_steps(self) -> int:
         return self.logits.shape[0]

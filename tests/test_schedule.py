@@ -364,6 +364,41 @@ def test_router_to_schedule_matches_weights():
         router.to_schedule(10)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: Schedule.taylorseer(10, 3, 3, order=2),
+    lambda: Schedule.fora(7, 2, 2),
+    lambda: Schedule.delta_dit(9, 4),
+    lambda: Schedule.full(5, 2),
+])
+def test_router_from_schedule_starts_as_the_schedule(make):
+    schedule = make()
+    router = Router.from_schedule(schedule)
+    # At every threshold between the two weights, incl. the default one, the router is the schedule.
+    low, high = torch.sigmoid(torch.tensor([-3.0, 3.0])).tolist()
+    for tau in (low + 1e-6, 0.5, high - 1e-6):
+        assert router.to_schedule(tau) == schedule
+    assert router.to_schedule() == schedule
+    assert Router.from_schedule(schedule, confidence=1.0).to_schedule(0.3) == schedule
+    assert router.to_schedule(high) != schedule or bool(schedule.mask[1:].all())
+    assert router.forecast_order == schedule.max_order
+    assert router.metadata["init_schedule"]["method"] == schedule.metadata["method"]
+
+
+def test_router_from_schedule_refuses_what_a_router_cannot_express():
+    mask = torch.zeros(4, 2, 2, dtype=torch.bool)
+    mask[0] = True
+    orders = torch.zeros(4, 2, 2, dtype=torch.long)
+    orders[2] = 1
+    with pytest.raises(ValueError, match=r"orders \[0, 1\]; a router has one forecast order"):
+        Router.from_schedule(Schedule(mask, orders=orders))
+    with pytest.raises(ValueError, match="routers forecast over step indices"):
+        Router.from_schedule(Schedule(mask, orders=orders.clamp(max=0) + 1, metadata={"coords": [9, 7, 5, 3]}))
+    with pytest.raises(ValueError, match="confidence must be a finite number > 0"):
+        Router.from_schedule(Schedule(mask), confidence=0)
+    with pytest.raises(TypeError, match="must be a harmonica Schedule"):
+        Router.from_schedule(mask)
+
+
 def test_router_constructor_validation():
     with pytest.raises(ValueError, match="floating-point"):
         Router(torch.zeros(3, 2, 2, dtype=torch.int64))

@@ -188,7 +188,7 @@ def soft_sample(model, weights, x_T, labels, guidance=1.5):
         hc.disable_cache(model)
 
 
-@pytest.mark.parametrize("variant", ["paper", "cumulative"])
+@pytest.mark.parametrize("variant", ["paper", "sensitivity", "cumulative"])
 def test_iepo_lambda_matches_its_definition(variant):
     model = make_dit()
     router0 = hc.Router.init(STEPS, BLOCKS, generator=torch.Generator().manual_seed(3))
@@ -197,9 +197,9 @@ def test_iepo_lambda_matches_its_definition(variant):
     labels = draw_int(0, 0, range(3), NUM_CLASSES, "choice")
     w = router0.weights().detach()
 
-    def with_full(rows):
+    def with_full(rows, weight=1.0):
         v = w.clone()
-        v[rows] = 1.0
+        v[rows] = weight
         return soft_sample(model, v, x_T, labels)
 
     def err(a, b):
@@ -210,6 +210,9 @@ def test_iepo_lambda_matches_its_definition(variant):
         x0 = soft_sample(model, w, x_T, labels)
         for t in range(1, STEPS):
             errors[t] = err(x0, with_full(slice(t, t + 1)))
+    elif variant == "sensitivity":
+        for t in range(1, STEPS):
+            errors[t] = err(with_full(slice(t, t + 1)), with_full(slice(t, t + 1), 0.0))
     else:
         runs = [with_full(slice(0, i)) for i in range(STEPS + 1)]  # runs[i]: caching on steps >= i
         for i in range(1, STEPS):
@@ -288,6 +291,25 @@ def test_target_speedup_is_met_and_recorded():
     assert schedule.theoretical_speedup(cost) >= 1.3
     assert trained.metadata["theoretical_speedup"] == pytest.approx(schedule.theoretical_speedup(cost))
     assert trained.metadata["train_config"]["target_speedup"] == 1.3
+
+
+def test_keep_threshold_delivers_the_schedule_training_followed_and_steers_its_hard_speed():
+    """A router started from TaylorSeer's schedule at that schedule's speed: with keep_threshold the target is
+    met from the first iteration, so beta holds still, and with an lr too small to flip a unit the delivered
+    schedule is the start, at the training threshold. Steering the soft speed instead (the default) moves
+    beta (sigmoid(+-3) is not 0/1), and the threshold is then chosen after training."""
+    model = make_dit()
+    start = hc.Schedule.taylorseer(STEPS, BLOCKS, 2, order=1)
+    target = start.theoretical_speedup(hc.model_cost(model, batch=4))
+    common = dict(init_router=hc.Router.from_schedule(start), forecast_order=1, threshold=0.5, iterations=3,
+                  lr=1e-6, target_speedup=target, beta_adapt_rate=1.0)
+    kept, soft = [], []
+    router = train_router(model, ddim(), config(keep_threshold=True, **common), callback=kept.append)
+    assert [s["beta"] for s in kept] == [1e-4] * 3 and [s["speedup"] for s in kept] == [target] * 3
+    assert router.metadata["threshold"] == 0.5 and router.to_schedule() == start
+    assert router.metadata["train_config"]["init_router"]["method"] == "taylorseer"
+    train_router(model, ddim(), config(**common), callback=soft.append)
+    assert all(s["beta"] != 1e-4 for s in soft) and all(s["soft_speedup"] != target for s in soft)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -388,6 +410,7 @@ def test_non_finite_prompt_embeddings_are_refused_at_construction(field):
     (dict(target_cur=0.3, target_speedup=1.5), r"TrainConfig.target_speedup: pass at most one"),
     (dict(target_speedup=0.9), r"TrainConfig.target_speedup: must be a finite number > 1.0"),
     (dict(seed=-1), r"TrainConfig.seed: must be an int >= 0"),
+    (dict(keep_threshold="yes"), r"TrainConfig.keep_threshold: must be True or False, got 'yes'"),
     (dict(latent_size=0), r"TrainConfig.latent_size: must be an int >= 1"),
     (dict(conditioning=ClassConditioning(NUM_CLASSES, NUM_CLASSES), init_router="r.safetensors"),
      r"TrainConfig.init_router: must be a harmonica Router, got str"),

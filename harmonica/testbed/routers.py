@@ -58,6 +58,15 @@ RECIPES: dict[str, dict] = {
     "harmonica-o2-x2.5_ddim_20": dict(_T20, method="harmonica", forecast_order=2, target_speedup=2.5),
     # The reuse (order 0) HarmoniCa router at T=50, at the speed of the first forecasting one.
     "harmonica-x3.0_ddim_50": dict(_T50, method="harmonica", forecast_order=0, target_speedup=3.0),
+    # Forecasting routers that start from TaylorSeer's schedule (interval N: "tsN") at its speed and are
+    # delivered at the threshold training followed (keep_threshold): they learn where to spend that compute.
+    # IEPO "sensitivity" weights every step by its image effect whichever way the router decides it ("paper"
+    # gives a step the schedule computes weight ~0, so nothing keeps it computed), refreshed every 10.
+    "harmonica-o2-ts3_ddim_20": dict(_T20, method="harmonica", forecast_order=2, init_taylorseer=3,
+                                     iepo_variant="sensitivity", iepo_refresh=10),
+    "l2c-o2-ts3_ddim_20": dict(_T20, method="l2c", forecast_order=2, init_taylorseer=3, lr=0.01, iterations=80 * 19),
+    "harmonica-o2-ts4_ddim_50": dict(_T50, method="harmonica", forecast_order=2, init_taylorseer=4, iterations=40,
+                                     iepo_variant="sensitivity", iepo_refresh=10),
     # L2C with the same forecast option, as many updates as the HarmoniCa recipe it is compared with;
     # lr 0.01 as for the bundled L2C router (its reference 1e-3 moves a logit at most 1.5 in 1,520 updates).
     "l2c-o2-x2.0_ddim_20": dict(_T20, method="l2c", forecast_order=2, target_speedup=2.0, lr=0.01,
@@ -132,21 +141,34 @@ RECIPE = {"beta": 1e-3, "iepo_refresh": 10}
 def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, iterations: int,
           batch_size: int = 8, target_speedup: Optional[float] = None, beta: float = RECIPE["beta"],
           lr: Optional[float] = None, forecast_order: int = 0, threshold: Optional[float] = None,
-          iepo_refresh: int = RECIPE["iepo_refresh"], seed: int = 0, dit_dir: Optional[str] = None,
-          out: Optional[Path] = None,
+          iepo_refresh: int = RECIPE["iepo_refresh"], iepo_variant: str = "paper",
+          init_taylorseer: Optional[int] = None, seed: int = 0,
+          dit_dir: Optional[str] = None, out: Optional[Path] = None,
           checkpoint_dir: Optional[str] = None, resume: bool = False, log_file: Optional[str] = None) -> Router:
+    """``init_taylorseer=N``: start from TaylorSeer's schedule of interval N (order ``forecast_order``) and
+    deliver the schedule training followed (threshold 0.5, ``keep_threshold``); the target speedup
+    defaults to that schedule's, so the router learns where to spend the same compute."""
+    from ..apply import model_cost
+    from ..schedule import Schedule
     from ..train import ClassConditioning, TrainConfig, train_router
 
     bed = load_testbed(dit_dir)
     extra = {}
+    if init_taylorseer is not None:
+        start = Schedule.taylorseer(steps, len(bed.transformer.transformer_blocks), init_taylorseer, forecast_order)
+        if target_speedup is None:
+            target_speedup = start.theoretical_speedup(model_cost(bed.transformer, batch=2 * batch_size))
+        extra = {"init_router": Router.from_schedule(start), "keep_threshold": True}
+        threshold = 0.5 if threshold is None else threshold
     if method == "l2c":
         from .data import load_tensors
 
         images, labels = load_tensors("train")
-        extra = {"l2c_latents": images, "l2c_choices": labels}
+        extra.update(l2c_latents=images, l2c_choices=labels)
     config = TrainConfig(method=method, num_steps=steps, conditioning=ClassConditioning(len(bed.class_names), bed.null_class),
                          guidance_scale=DEFAULT_GUIDANCE, batch_size=batch_size, iterations=iterations,
-                         beta=beta, lr=lr, target_speedup=target_speedup, iepo_refresh=iepo_refresh, seed=seed,
+                         beta=beta, lr=lr, target_speedup=target_speedup, iepo_refresh=iepo_refresh,
+                         iepo_variant=iepo_variant, seed=seed,
                          forecast_order=forecast_order, **({} if threshold is None else {"threshold": threshold}),
                          checkpoint_dir=checkpoint_dir, checkpoint_every=5 if checkpoint_dir else 0,
                          resume=resume, log_file=log_file, **extra)

@@ -19,7 +19,7 @@ from ..schedule import DEFAULT_THRESHOLD, MAX_ORDER, ModelCost, Router, Schedule
 __all__ = ["ClassConditioning", "PromptConditioning", "TrainConfig", "METHODS", "IEPO_VARIANTS"]
 
 METHODS = ("harmonica", "l2c")
-IEPO_VARIANTS = ("paper", "cumulative")
+IEPO_VARIANTS = ("paper", "sensitivity", "cumulative")
 # The reference code's learning rates (AdamW): HarmoniCa 0.01, L2C 1e-3.
 DEFAULT_LR = {"harmonica": 1e-2, "l2c": 1e-3}
 
@@ -155,10 +155,19 @@ class TrainConfig:
     forecast_order: how the delivered schedule serves a skipped unit, and so what training blends
                    with: 0 = reuse of its last output (HarmoniCa, L2C), m = a forecast of order m from its
                    last m + 1 computes (harmonica.cache.forecast; 1 or 2 recommended).
-    iepo_variant:  "paper" (lambda_t from disabling caching at step t only) or "cumulative"
-                   (the reference code's variant).
+    iepo_variant:  "paper" (lambda_t from disabling caching at step t only), "sensitivity" (from
+                   computing vs caching all of step t, whatever the router decides there) or
+                   "cumulative" (the reference code's variant); see harmonica.train.iepo.
     threshold:     the inference threshold tau used to measure CUR during training (and the final
-                   threshold when no target is given).
+                   threshold when no target is given or ``keep_threshold`` is set).
+    keep_threshold: deliver the schedule at ``threshold``, the one training followed (a unit refreshes
+                   its cache where its weight exceeds it), instead of choosing the threshold after
+                   training to meet the target exactly; beta then steers the speedup of that hard
+                   schedule. Use it for forecasting: a forecast's error grows with the gap since the
+                   unit's last compute, and a threshold chosen after training makes gaps training never
+                   saw (RESULTS.md, "Learned forecasting"). Pair it with a threshold near 0.5 and an
+                   ``init_router`` such as ``Router.from_schedule(Schedule.taylorseer(T, L, 3, order=2))``.
+    init_router:   the router training starts from (default: logits ~ N(0, init_std^2)).
     l2c_latents:   (N, C, H, W) clean model-space inputs for L2C; l2c_choices (N,) their labels /
                    prompt indices (None = random conditioning).
     checkpoint_every: iterations between checkpoints (0 = only the final one) in checkpoint_dir.
@@ -185,6 +194,7 @@ class TrainConfig:
     forecast_order: int = 0
     iepo_variant: str = "paper"
     threshold: float = DEFAULT_THRESHOLD
+    keep_threshold: bool = False
     clamp: float = 5.0
     init_std: float = 1.0
     init_router: Optional[Router] = None
@@ -212,7 +222,8 @@ class TrainConfig:
         doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         doc["lr"] = self.learning_rate
         doc["conditioning"] = self.conditioning.describe() if self.conditioning is not None else None
-        doc["init_router"] = self.init_router is not None
+        # What the run started from: a schedule's metadata (Router.from_schedule), or just that there was one.
+        doc["init_router"] = self.init_router is not None and (self.init_router.metadata.get("init_schedule") or True)
         if self.l2c_latents is not None:
             doc["l2c_latents"] = list(self.l2c_latents.shape)
         return doc
@@ -276,6 +287,8 @@ def check_fields(config: TrainConfig) -> None:
     threshold = config.threshold
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
         raise _fail("threshold", f"must be in (0, 1) (compute iff weight > threshold), got {threshold!r}")
+    if not isinstance(config.keep_threshold, bool):
+        raise _fail("keep_threshold", f"must be True or False, got {config.keep_threshold!r}")
     if config.iepo_variant not in IEPO_VARIANTS:
         raise _fail("iepo_variant", f"unknown variant {config.iepo_variant!r}; choose one of "
                                     f"{', '.join(IEPO_VARIANTS)}")

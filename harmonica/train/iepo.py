@@ -10,6 +10,11 @@ training, and the soft blend is what the loss trains.
 
 * "paper":      lambda_t = E_batch ||x_0 - x_0^(t)||_F^2, x_0 generated with the current router and
                 x_0^(t) with the same router but caching disabled at step t only (w_t := 1).
+* "sensitivity": lambda_t = E_batch ||x_0^(t, compute) - x_0^(t, cache)||_F^2, every unit of step t
+                forced to compute (w_t := 1) vs served from the cache (w_t := 0), the other steps as the
+                router has them. "paper" measures only the change of un-caching step t, which is zero
+                where the router already computes, so nothing keeps a computed step computed; this one
+                is the step's weight whichever way the router decides it (use it with keep_threshold).
 * "cumulative": the reference code's variant. R_i = generation with caching enabled (router
                 weights) on steps >= i only and full compute before; R_T = no caching at all.
                 lambda_i = E_batch ||R_i - R_{i+1}||_F^2, the extra image error of also caching at step i
@@ -63,15 +68,18 @@ def image_errors(run: Run, x_T: torch.Tensor, choices: torch.Tensor, iteration: 
     T = run.num_steps
     errors = torch.zeros(T, device=run.device)
 
-    def with_full(steps) -> torch.Tensor:
+    def with_full(steps, weight: float = 1.0) -> torch.Tensor:
         w = base.clone()
-        w[steps] = 1.0
+        w[steps] = weight
         return generate_soft(run, x_T, cond, uncond, w, iteration)
 
     if run.config.iepo_variant == "paper":
         x0 = generate_soft(run, x_T, cond, uncond, base, iteration)
         for t in range(1, T):
             errors[t] = squared_error(x0, with_full(slice(t, t + 1)))
+    elif run.config.iepo_variant == "sensitivity":
+        for t in range(1, T):
+            errors[t] = squared_error(with_full(slice(t, t + 1)), with_full(slice(t, t + 1), 0.0))
     else:
         later = with_full(slice(0, T))  # R_T: nothing cached
         for i in range(T - 1, 0, -1):

@@ -135,7 +135,8 @@ def train_router(transformer: torch.nn.Module, scheduler, config: TrainConfig,
         logits = config.init_router.logits.detach().float()
     else:
         logits = Router.init(T, L, std=config.init_std, generator=seeded(config.seed, -1, 0, "router-init")).logits
-    router = Router(logits.to(device))
+    # Measured (CUR, speedup, threshold_for) as it will be served: forecasts cost their multiply-adds.
+    router = Router(logits.to(device), metadata={"forecast_order": config.forecast_order})
     optimizer = torch.optim.AdamW([router.logits], lr=config.learning_rate, weight_decay=config.weight_decay)
     lam = torch.ones(T, device=device)
     beta, start, previous_wall, refreshes, updates = config.beta, 0, 0.0, 0, 0
@@ -177,7 +178,9 @@ def train_router(transformer: torch.nn.Module, scheduler, config: TrainConfig,
                 updates_now = 1
             cur, speedup = _measure(router, config.threshold, cost)
             soft_cur, soft_speedup = soft_measure(router, cost)
-            run.beta = adapt_beta(run.beta, config, soft_cur, soft_speedup, updates_now)
+            # Steer what will be delivered: the hard schedule at the threshold if it is kept, else the soft one.
+            steered = (cur, speedup) if config.keep_threshold else (soft_cur, soft_speedup)
+            run.beta = adapt_beta(run.beta, config, *steered, updates_now)
             # The one host read of the loss per iteration (logging); the hot loop never syncs for it.
             mse = out["mse"]
             loss = float((run.lam * mse).sum() / (mse != 0).sum().clamp(min=1))
@@ -232,7 +235,9 @@ def _open_log(path, resumed_at: Optional[int]):
 
 def _finish(router: Router, run: Run, config: TrainConfig, cost: ModelCost, sampler: str, facts,
             world: World, wall: float) -> Router:
-    if config.target_speedup is not None:
+    if config.keep_threshold:
+        threshold = config.threshold
+    elif config.target_speedup is not None:
         threshold = router.threshold_for(target_speedup=config.target_speedup, cost=cost)
     elif config.target_cur is not None:
         threshold = router.threshold_for(target_cur=config.target_cur)
