@@ -293,23 +293,41 @@ def test_target_speedup_is_met_and_recorded():
     assert trained.metadata["train_config"]["target_speedup"] == 1.3
 
 
-def test_keep_threshold_delivers_the_schedule_training_followed_and_steers_its_hard_speed():
-    """A router started from TaylorSeer's schedule at that schedule's speed: with keep_threshold the target is
-    met from the first iteration, so beta holds still, and with an lr too small to flip a unit the delivered
-    schedule is the start, at the training threshold. Steering the soft speed instead (the default) moves
-    beta (sigmoid(+-3) is not 0/1), and the threshold is then chosen after training."""
+def test_keep_threshold_steers_the_trained_schedule_and_never_delivers_longer_gaps():
+    """A router started from TaylorSeer's schedule at that schedule's speed: with keep_threshold beta steers the
+    hard schedule at the training threshold, which meets the target from the first iteration, so beta holds
+    still; steering the soft speed instead (the default) moves it (sigmoid(+-3) is not 0/1)."""
     model = make_dit()
     start = hc.Schedule.taylorseer(STEPS, BLOCKS, 2, order=1)
-    target = start.theoretical_speedup(hc.model_cost(model, batch=4))
+    speed = start.theoretical_speedup(hc.model_cost(model, batch=4))
     common = dict(init_router=hc.Router.from_schedule(start), forecast_order=1, threshold=0.5, iterations=3,
-                  lr=1e-6, target_speedup=target, beta_adapt_rate=1.0)
+                  lr=1e-6, target_speedup=speed, beta_adapt_rate=1.0)
     kept, soft = [], []
     router = train_router(model, ddim(), config(keep_threshold=True, **common), callback=kept.append)
-    assert [s["beta"] for s in kept] == [1e-4] * 3 and [s["speedup"] for s in kept] == [target] * 3
-    assert router.metadata["threshold"] == 0.5 and router.to_schedule() == start
+    assert [s["beta"] for s in kept] == [1e-4] * 3 and [s["speedup"] for s in kept] == [speed] * 3
+    assert router.to_schedule() == start
     assert router.metadata["train_config"]["init_router"]["method"] == "taylorseer"
     train_router(model, ddim(), config(**common), callback=soft.append)
-    assert all(s["beta"] != 1e-4 for s in soft) and all(s["soft_speedup"] != target for s in soft)
+    assert all(s["beta"] != 1e-4 for s in soft) and all(s["soft_speedup"] != speed for s in soft)
+
+
+def test_keep_threshold_adds_computes_for_a_slower_target_but_never_removes_trained_ones():
+    model = make_dit()
+    start = hc.Schedule.taylorseer(STEPS, BLOCKS, 2, order=1)
+    speed = start.theoretical_speedup(hc.model_cost(model, batch=4))
+    # Skipped units get distinct weights below 0.5, so a lower threshold can add computes one by one.
+    offsets = torch.arange(STEPS * BLOCKS * 2, dtype=torch.float32).reshape(STEPS, BLOCKS, 2) * 0.1
+    init = hc.Router(torch.where(start.mask, 3.0, -3.0 + offsets), metadata={"forecast_order": 1})
+    common = dict(init_router=init, forecast_order=1, threshold=0.5, iterations=1, lr=1e-6, keep_threshold=True)
+    slower = train_router(model, ddim(), config(target_speedup=(1 + speed) / 2, **common))
+    delivered = slower.to_schedule()
+    assert slower.metadata["threshold"] < 0.5 and slower.metadata["theoretical_speedup"] >= (1 + speed) / 2
+    assert bool((delivered.mask >= start.mask).all()) and delivered != start
+    faster = train_router(model, ddim(), config(target_speedup=speed * 1.05, **common))
+    assert faster.metadata["threshold"] == 0.5 and faster.to_schedule() == start
+    # Without keep_threshold the faster target is met by dropping units training computed.
+    dropped = train_router(model, ddim(), config(target_speedup=speed * 1.05, **{**common, "keep_threshold": False}))
+    assert dropped.metadata["threshold"] > 0.5 and not bool((dropped.to_schedule().mask >= start.mask).all())
 
 
 # ---------------------------------------------------------------------------------------------- errors

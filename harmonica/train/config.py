@@ -160,13 +160,14 @@ class TrainConfig:
                    "cumulative" (the reference code's variant); see harmonica.train.iepo.
     threshold:     the inference threshold tau used to measure CUR during training (and the final
                    threshold when no target is given or ``keep_threshold`` is set).
-    keep_threshold: deliver the schedule at ``threshold``, the one training followed (a unit refreshes
-                   its cache where its weight exceeds it), instead of choosing the threshold after
-                   training to meet the target exactly; beta then steers the speedup of that hard
-                   schedule. Use it for forecasting: a forecast's error grows with the gap since the
-                   unit's last compute, and a threshold chosen after training makes gaps training never
-                   saw (RESULTS.md, "Learned forecasting"). Pair it with a threshold near 0.5 and an
-                   ``init_router`` such as ``Router.from_schedule(Schedule.taylorseer(T, L, 3, order=2))``.
+    keep_threshold: never deliver a threshold above ``threshold``, the one training followed (a unit
+                   refreshes its cache where its weight exceeds it), so every unit training computed
+                   computes at inference: the final threshold is the one that meets the target if that is
+                   lower (more computes), else ``threshold``; beta steers the speedup of the hard schedule
+                   at ``threshold``. Use it for forecasting: a forecast's error grows with the gap since
+                   the unit's last compute, and a higher threshold after training makes gaps training
+                   never saw (RESULTS.md). Pair it with a threshold near 0.5 and an ``init_router`` such
+                   as ``Router.from_schedule(Schedule.taylorseer(T, L, 3, order=2))``.
     init_router:   the router training starts from (default: logits ~ N(0, init_std^2)).
     l2c_latents:   (N, C, H, W) clean model-space inputs for L2C; l2c_choices (N,) their labels /
                    prompt indices (None = random conditioning).

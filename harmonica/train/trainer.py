@@ -235,14 +235,14 @@ def _open_log(path, resumed_at: Optional[int]):
 
 def _finish(router: Router, run: Run, config: TrainConfig, cost: ModelCost, sampler: str, facts,
             world: World, wall: float) -> Router:
-    if config.keep_threshold:
-        threshold = config.threshold
-    elif config.target_speedup is not None:
+    if config.target_speedup is not None:
         threshold = router.threshold_for(target_speedup=config.target_speedup, cost=cost)
     elif config.target_cur is not None:
         threshold = router.threshold_for(target_cur=config.target_cur)
     else:
         threshold = config.threshold
+    if config.keep_threshold:  # lower only: add computes to meet the target, never make longer gaps
+        threshold = min(threshold, config.threshold)
     cur, speedup = _measure(router, threshold, cost)
     return Router(router.logits.detach().cpu(), metadata={
         "method": config.method,
