@@ -264,7 +264,7 @@ def _check_plan_fits(schedule, args, flag: str, *, steps: int | None, sampler) -
 _FLAGS = {"num_steps": "--steps", "guidance_scale": "--guidance", "batch_size": "--batch-size",
           "iterations": "--iterations", "target_speedup": "--target-speedup", "seed": "--seed",
           "checkpoint_dir": "--checkpoint-dir", "resume": "--resume", "log_file": "--log-file",
-          "method": "--method", "conditioning": "--model/--prompt-embeds"}
+          "method": "--method", "conditioning": "--model/--prompt-embeds", "forecast_order": "--forecast-order"}
 
 
 def _in_flags(error: Exception) -> UsageError:
@@ -325,6 +325,17 @@ def _prepare_training(args, *, method: str, batch_size: int, iterations: int, pr
         from .testbed.routers import RECIPE
 
         extra.update(RECIPE)  # as the bundled routers were trained
+    extra["forecast_order"] = getattr(args, "forecast_order", 0)
+    start = None
+    if getattr(args, "init_taylorseer", None) is not None:
+        from .schedule import Schedule
+        from .train import start_from
+
+        if args.init_taylorseer >= args.steps:
+            raise UsageError(f"--init-taylorseer {args.init_taylorseer}: the interval must be below --steps "
+                             f"({args.steps}), or nothing would be skipped")
+        start = Schedule.taylorseer(args.steps, facts.num_blocks, args.init_taylorseer, extra["forecast_order"])
+        extra.update(start_from(start))
     scheduler = _sampler(args, args.scheduler)
     try:
         config = TrainConfig(method=method, num_steps=args.steps, conditioning=conditioning,
@@ -332,6 +343,10 @@ def _prepare_training(args, *, method: str, batch_size: int, iterations: int, pr
                              target_speedup=args.target_speedup, seed=args.seed, checkpoint_dir=checkpoint_dir,
                              checkpoint_every=5 if checkpoint_dir else 0, resume=resume, log_file=log_file,
                              progress=not args.quiet, **extra)
+        if start is not None and config.target_speedup is None:  # the speed of the schedule it starts from
+            from .train.trainer import training_cost
+
+            config.target_speedup = start.theoretical_speedup(training_cost(args.model_structure, config))
         check_training(args.model_structure, scheduler, config)
     except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: no checkpoint to resume from
         raise _in_flags(e) from None
@@ -477,7 +492,9 @@ def cmd_demo(args) -> int:
 def check_train(args) -> None:
     from .train.checkpoint import path_in
 
-    check_values(args, steps=_integer(2))
+    check_values(args, steps=_integer(2), init_taylorseer=_integer(2))
+    if not 0 <= args.forecast_order <= 4:
+        raise UsageError(f"--forecast-order: must be an integer in [0, 4] (0 = reuse), got {args.forecast_order}")
     _only_with(args, bool(args.checkpoint_dir), "--checkpoint-dir", "resume")
     _writable(args.out, "--out")
     if args.checkpoint_dir:
@@ -789,7 +806,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="harmonica", choices=("harmonica", "l2c"))
     p.add_argument("--iterations", type=int, default=80, help="HarmoniCa: trajectories; L2C: updates")
     p.add_argument("--batch-size", type=int, default=8, help="samples per process per iteration")
-    p.add_argument("--target-speedup", type=float, default=None, help="theoretical speedup to aim at (> 1)")
+    p.add_argument("--target-speedup", type=float, default=None,
+                   help="theoretical speedup to aim at (> 1; with --init-taylorseer default: that schedule's)")
+    p.add_argument("--forecast-order", type=int, default=0,
+                   help="how skipped units are served: 0 = reuse (default), 1-4 = forecast of that order")
+    p.add_argument("--init-taylorseer", type=int, default=None, metavar="N",
+                   help="start from TaylorSeer's schedule of interval N (at --forecast-order) and learn where to "
+                        "move its computes (harmonica.train.start_from)")
     p.add_argument("--checkpoint-dir", default=None, help="folder for the training checkpoint (every 5 iterations)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     p.add_argument("--log-file", default=None, help="JSON lines, one per iteration")

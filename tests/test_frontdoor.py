@@ -165,6 +165,9 @@ CASES = [
     ("train --out {out}/r.safetensors --target-speedup 0.5", "--target-speedup: must be a finite number > 1"),
     ("train --out {out}/r.safetensors --target-speedup 50", "--target-speedup: 50.0 is unreachable"),
     ("train --out {out}/r.safetensors --threads 0", "--threads: must be an integer >= 1, got 0"),
+    ("train --out {out}/r.safetensors --forecast-order 5", "--forecast-order: must be an integer in [0, 4] (0 = reuse), got 5"),
+    ("train --out {out}/r.safetensors --init-taylorseer 1", "--init-taylorseer: must be an integer >= 2, got 1"),
+    ("train --out {out}/r.safetensors --init-taylorseer 20", "--init-taylorseer 20: the interval must be below --steps (20)"),
     ("train --out /proc/x/r.safetensors", "--out /proc/x/r.safetensors cannot be written"),
     ("train --out {out}", "--out {out} is a folder; pass a file path"),
     ("train --out {d}/afile/r.safetensors", "{d}/afile is a file, not a folder"),
@@ -358,6 +361,29 @@ def test_train_uses_every_option_and_writes_the_router(tmp_path, capsys, monkeyp
     assert config.log_file == str(tmp_path / "log.jsonl")
     assert type(seen["scheduler"]).__name__ == "EulerDiscreteScheduler"
     assert Router.load(out).num_steps == 12 and f"wrote {out}" in stdout
+
+
+def test_train_from_taylorseer_starts_from_its_schedule_at_its_speed(tmp_path, capsys, monkeypatch, no_work):
+    from harmonica.train.trainer import training_cost
+
+    seen = {}
+
+    def train(transformer, args):
+        seen["config"] = args.train_config
+        return Router.init(args.train_config.num_steps, 8)
+
+    monkeypatch.setattr(cli, "_load_weights", lambda spec: "the testbed weights")
+    monkeypatch.setattr(cli, "_train", train)
+    code, _, stderr = run_cli(["train", "--out", str(tmp_path / "r.safetensors"), "--steps", "10",
+                               "--forecast-order", "2", "--init-taylorseer", "3", "-q"], capsys)
+    assert code == 0, stderr
+    config, start = seen["config"], Schedule.taylorseer(10, 8, 3, order=2)
+    assert config.init_router.to_schedule(config.threshold) == start and config.forecast_order == 2
+    assert config.keep_threshold and config.iepo_variant == "sensitivity"
+    from diffusers import DiTTransformer2DModel
+
+    structure = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(DIT_DIR))
+    assert config.target_speedup == start.theoretical_speedup(training_cost(structure, config))
 
 
 def test_sample_threshold_applies_to_the_bundled_router(capsys, tmp_path, captured):

@@ -39,41 +39,19 @@ def router_path(method: str, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAUL
     return ROUTERS_DIR / f"{method}_{sampler}_{steps}.safetensors"
 
 
-# Bundled forecasting routers: file stem -> train() arguments. Targets are theoretical (FLOP) speedups,
-# set above the measured speed wanted because a forecast still costs memory-bound elementwise work per
-# skipped unit (FINDINGS of issue 15: measured lands at 85-95 % of the FLOP count on the CPU). The name
-# says the method, the forecast order and that target. T=50: updates like 60 trajectories (2,940), IEPO
-# lambda at iterations 0 and 30; T=20: like the bundled reuse routers (80 trajectories, refresh 40).
-_T50 = dict(sampler="ddim", steps=50, iterations=60, iepo_refresh=30)
+# Bundled routers: file stem -> train() arguments, the settings in each file's metadata. T=20: 80
+# trajectories (1,520 updates); T=50: 32 (1,568 updates).
 _T20 = dict(sampler="ddim", steps=20, iterations=80, iepo_refresh=40)
+_T50 = dict(sampler="ddim", steps=50, iterations=32, iepo_refresh=8)
 RECIPES: dict[str, dict] = {
     # The reuse routers of the comparison table: HarmoniCa and L2C at the same target and update count.
     "harmonica_ddim_20": dict(_T20, method="harmonica", target_speedup=1.6, lr=0.01),
     "l2c_ddim_20": dict(_T20, method="l2c", target_speedup=1.6, lr=0.01, iterations=80 * 19),
-    "harmonica-o2-x2.0_ddim_20": dict(_T20, method="harmonica", forecast_order=2, target_speedup=2.0),
-    "harmonica-o2-x3.0_ddim_50": dict(_T50, method="harmonica", forecast_order=2, target_speedup=3.0),
-    "harmonica-o1-x2.0_ddim_20": dict(_T20, method="harmonica", forecast_order=1, target_speedup=2.0),
-    "harmonica-o2-x3.5_ddim_50": dict(_T50, method="harmonica", forecast_order=2, target_speedup=3.5),
-    "harmonica-o2-x4.0_ddim_50": dict(_T50, method="harmonica", forecast_order=2, target_speedup=4.0),
-    "harmonica-o2-x2.5_ddim_20": dict(_T20, method="harmonica", forecast_order=2, target_speedup=2.5),
-    # The reuse (order 0) HarmoniCa router at T=50, at the speed of the first forecasting one.
-    "harmonica-x3.0_ddim_50": dict(_T50, method="harmonica", forecast_order=0, target_speedup=3.0),
-    # Forecasting routers that start from TaylorSeer's schedule (interval N: "tsN") at its speed and are
-    # delivered at the threshold training followed (keep_threshold): they learn where to spend that compute.
-    # IEPO "sensitivity" weights every step by its image effect whichever way the router decides it ("paper"
-    # gives a step the schedule computes weight ~0, so nothing keeps it computed), refreshed every 10.
-    "harmonica-o2-ts3_ddim_20": dict(_T20, method="harmonica", forecast_order=2, init_taylorseer=3,
-                                     iepo_variant="sensitivity", iepo_refresh=10),
+    # Forecasting routers that start from TaylorSeer's schedule of interval N ("tsN", order 2) at its speed
+    # (harmonica.train.start_from): they learn where to move its computes. IEPO every 10 iterations at T=20.
+    "harmonica-o2-ts3_ddim_20": dict(_T20, method="harmonica", forecast_order=2, init_taylorseer=3, iepo_refresh=10),
     "l2c-o2-ts3_ddim_20": dict(_T20, method="l2c", forecast_order=2, init_taylorseer=3, lr=0.01, iterations=80 * 19),
-    # T=50: about as many updates as at T=20 (32 x 49 = 1,568 vs 80 x 19 = 1,520), IEPO every 8 iterations.
-    "harmonica-o2-ts4_ddim_50": dict(_T50, method="harmonica", forecast_order=2, init_taylorseer=4, iterations=32,
-                                     iepo_variant="sensitivity", iepo_refresh=8),
-    # L2C with the same forecast option, as many updates as the HarmoniCa recipe it is compared with;
-    # lr 0.01 as for the bundled L2C router (its reference 1e-3 moves a logit at most 1.5 in 1,520 updates).
-    "l2c-o2-x2.0_ddim_20": dict(_T20, method="l2c", forecast_order=2, target_speedup=2.0, lr=0.01,
-                                iterations=80 * 19),
-    "l2c-o2-x3.0_ddim_50": dict(_T50, method="l2c", forecast_order=2, target_speedup=3.0, lr=0.01,
-                                iterations=60 * 49),
+    "harmonica-o2-ts4_ddim_50": dict(_T50, method="harmonica", forecast_order=2, init_taylorseer=4),
 }
 
 
@@ -142,37 +120,36 @@ RECIPE = {"beta": 1e-3, "iepo_refresh": 10}
 def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, iterations: int,
           batch_size: int = 8, target_speedup: Optional[float] = None, beta: float = RECIPE["beta"],
           lr: Optional[float] = None, forecast_order: int = 0, threshold: Optional[float] = None,
-          iepo_refresh: int = RECIPE["iepo_refresh"], iepo_variant: str = "paper",
+          iepo_refresh: int = RECIPE["iepo_refresh"], iepo_variant: Optional[str] = None,
           init_taylorseer: Optional[int] = None, seed: int = 0,
           dit_dir: Optional[str] = None, out: Optional[Path] = None,
           checkpoint_dir: Optional[str] = None, resume: bool = False, log_file: Optional[str] = None) -> Router:
-    """``init_taylorseer=N``: start from TaylorSeer's schedule of interval N (order ``forecast_order``) and
-    deliver the schedule training followed (threshold 0.5, ``keep_threshold``); the target speedup
-    defaults to that schedule's, so the router learns where to spend the same compute."""
-    from ..apply import model_cost
+    """``init_taylorseer=N``: start from TaylorSeer's schedule of interval N (order ``forecast_order``), as
+    :func:`harmonica.train.start_from` sets up; the target speedup defaults to that schedule's, so the
+    router learns where to spend the same compute."""
     from ..schedule import Schedule
-    from ..train import ClassConditioning, TrainConfig, train_router
+    from ..train import ClassConditioning, TrainConfig, start_from, train_router
+    from ..train.trainer import training_cost
 
     bed = load_testbed(dit_dir)
-    extra = {}
+    settings = {k: v for k, v in dict(forecast_order=forecast_order, threshold=threshold,
+                                      iepo_variant=iepo_variant).items() if v is not None}
+    start = None
     if init_taylorseer is not None:
         start = Schedule.taylorseer(steps, len(bed.transformer.transformer_blocks), init_taylorseer, forecast_order)
-        if target_speedup is None:
-            target_speedup = start.theoretical_speedup(model_cost(bed.transformer, batch=2 * batch_size))
-        extra = {"init_router": Router.from_schedule(start), "keep_threshold": True}
-        threshold = 0.5 if threshold is None else threshold
+        settings.update(start_from(start, threshold=settings.get("threshold", 0.5)))
     if method == "l2c":
         from .data import load_tensors
 
         images, labels = load_tensors("train")
-        extra.update(l2c_latents=images, l2c_choices=labels)
+        settings.update(l2c_latents=images, l2c_choices=labels)
     config = TrainConfig(method=method, num_steps=steps, conditioning=ClassConditioning(len(bed.class_names), bed.null_class),
                          guidance_scale=DEFAULT_GUIDANCE, batch_size=batch_size, iterations=iterations,
-                         beta=beta, lr=lr, target_speedup=target_speedup, iepo_refresh=iepo_refresh,
-                         iepo_variant=iepo_variant, seed=seed,
-                         forecast_order=forecast_order, **({} if threshold is None else {"threshold": threshold}),
+                         beta=beta, lr=lr, target_speedup=target_speedup, iepo_refresh=iepo_refresh, seed=seed,
                          checkpoint_dir=checkpoint_dir, checkpoint_every=5 if checkpoint_dir else 0,
-                         resume=resume, log_file=log_file, **extra)
+                         resume=resume, log_file=log_file, **settings)
+    if start is not None and target_speedup is None:  # the speed of the schedule it starts from
+        config.target_speedup = start.theoretical_speedup(training_cost(bed.transformer, config))
     router = train_router(bed.transformer, bed.make_scheduler(sampler), config)
     # Which DiT weights the router was trained for (a router is only valid for those).
     from . import DIT_DIR

@@ -7,7 +7,7 @@
     schedule = router.to_schedule()
 """
 
-from .config import ClassConditioning, PromptConditioning, TrainConfig
+from .config import ClassConditioning, PromptConditioning, TrainConfig, start_from
 from .trainer import check_training, train_router
 
-__all__ = ["ClassConditioning", "PromptConditioning", "TrainConfig", "check_training", "train_router"]
+__all__ = ["ClassConditioning", "PromptConditioning", "TrainConfig", "check_training", "start_from", "train_router"]

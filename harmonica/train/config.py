@@ -16,7 +16,7 @@ from .. import formats
 from ..adapters import ModelFacts
 from ..schedule import DEFAULT_THRESHOLD, MAX_ORDER, ModelCost, Router, Schedule
 
-__all__ = ["ClassConditioning", "PromptConditioning", "TrainConfig", "METHODS", "IEPO_VARIANTS"]
+__all__ = ["ClassConditioning", "PromptConditioning", "TrainConfig", "METHODS", "IEPO_VARIANTS", "start_from"]
 
 METHODS = ("harmonica", "l2c")
 IEPO_VARIANTS = ("paper", "sensitivity", "cumulative")
@@ -228,6 +228,20 @@ class TrainConfig:
         if self.l2c_latents is not None:
             doc["l2c_latents"] = list(self.l2c_latents.shape)
         return doc
+
+
+def start_from(schedule: Schedule, *, threshold: float = 0.5) -> dict:
+    """TrainConfig settings for a router that starts as ``schedule`` and learns where to move its computes:
+
+        start = Schedule.taylorseer(T, L, interval=3, order=2)
+        TrainConfig(**start_from(start), target_speedup=start.theoretical_speedup(cost), ...)
+
+    The router starts with logits +-3 (:meth:`Router.from_schedule`), serves skipped units as the
+    schedule does, is delivered at no higher threshold than training followed (``keep_threshold``), and
+    IEPO weights each step whichever way the router decides it ("sensitivity")."""
+    router = Router.from_schedule(schedule)
+    return {"init_router": router, "forecast_order": router.forecast_order, "keep_threshold": True,
+            "threshold": threshold, "iepo_variant": "sensitivity"}
 
 
 def _fail(field: str, problem: str) -> ValueError:

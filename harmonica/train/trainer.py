@@ -22,10 +22,13 @@ from .config import TrainConfig, _check_router_fits, validate
 from .context import Run
 from .distributed import World, broadcast_, current_world, seeded
 
-__all__ = ["Checked", "check_training", "train_router"]
+__all__ = ["Checked", "check_training", "train_router", "training_cost"]
 
 
-def _cost(transformer, config: TrainConfig, size: int) -> ModelCost:
+def training_cost(transformer, config: TrainConfig) -> ModelCost:
+    """The FLOP model of one model evaluation of ``config``'s runs (CFG batch, latent size): what training
+    measures speedups with. ``transformer`` may live on the meta device."""
+    size = config.latent_size or model_facts(transformer).sample_size
     cfg_batch = 2 if config.guidance_scale != 1.0 else 1
     text_tokens = config.conditioning.text_tokens() if config.conditioning is not None else None
     return model_cost(transformer, batch=config.batch_size * cfg_batch, height=size, width=size,
@@ -90,7 +93,7 @@ def check_training(transformer: torch.nn.Module, scheduler, config: TrainConfig)
     facts = model_facts(transformer)
     sampler = scheduler_name(scheduler)
     size = config.latent_size or facts.sample_size
-    cost = validate(config, sampler=sampler, facts=facts, cost_fn=lambda: _cost(transformer, config, size))
+    cost = validate(config, sampler=sampler, facts=facts, cost_fn=lambda: training_cost(transformer, config))
     if get_cache_state(transformer) is not None:
         raise RuntimeError("caching is enabled on this transformer; call harmonica.disable_cache before training")
     model_doc = {"model_class": facts.model_class, "num_blocks": facts.num_blocks, "block_width": facts.block_width,
