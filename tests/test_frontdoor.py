@@ -134,7 +134,7 @@ CASES = [
     # ---- demo
     ("demo --scheduler heun", "invalid choice: 'heun'"),
     ("demo --steps 0", "--steps: must be an integer >= 1, got 0"),
-    ("demo --steps 7", "no bundled harmonica router"),
+    ("demo --steps 7", "no bundled harmonica-o2-ts3 router"),
     ("demo --guidance -1", "--guidance: must be a finite number >= 0, got -1.0"),
     ("demo --guidance nan", "--guidance: must be a finite number >= 0, got nan"),
     ("demo --seed -1", "--seed: must be an integer >= 0, got -1"),

@@ -32,7 +32,7 @@ __all__ = ["ROUTERS_DIR", "RECIPES", "DEMO_ROUTER", "available", "load_router", 
 
 # The router `harmonica demo` shows: the best bundled one at the testbed's default sampler and steps by
 # the frontier (RESULTS.md), a file stem's method part.
-DEMO_ROUTER = "harmonica"
+DEMO_ROUTER = "harmonica-o2-ts3"
 
 
 def router_path(method: str, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS) -> Path:
@@ -40,9 +40,9 @@ def router_path(method: str, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAUL
 
 
 # Bundled routers: file stem -> train() arguments, the settings in each file's metadata. T=20: 80
-# trajectories (1,520 updates); T=50: 32 (1,568 updates).
+# trajectories (1,520 updates); T=50: 32 (1,568 updates; IEPO once: at T=50 one refresh costs ~10 CPU-min).
 _T20 = dict(sampler="ddim", steps=20, iterations=80, iepo_refresh=40)
-_T50 = dict(sampler="ddim", steps=50, iterations=32, iepo_refresh=8)
+_T50 = dict(sampler="ddim", steps=50, iterations=32, iepo_refresh=32)
 RECIPES: dict[str, dict] = {
     # The reuse routers of the comparison table: HarmoniCa and L2C at the same target and update count.
     "harmonica_ddim_20": dict(_T20, method="harmonica", target_speedup=1.6, lr=0.01),
