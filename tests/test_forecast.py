@@ -255,3 +255,29 @@ def test_peak_cache_bytes_count_every_difference_slot(name):
     peak = schedule.peak_cache_slots()
     assert runtime.peak_cache_bytes == peak * slot_bytes
     assert peak > hc.Schedule(schedule.mask).peak_cache_slots(), "forecast tables hold more than reuse slots"
+
+
+@pytest.mark.parametrize("history_grad", [False, True])
+def test_history_grad_credits_a_refresh_with_the_later_forecasts_it_feeds(history_grad):
+    """Step 2 forecasts (order 1) from the refreshes at steps 0 and 1: with history_grad its output depends
+    on step 1's weight through the refreshed value lerp(forecast, fresh, w_1), and the gradient is the
+    one of that expression; without it the history is detached and step 1's weight gets nothing."""
+    from types import SimpleNamespace
+
+    from harmonica.cache.slots import SlotStore
+    from harmonica.train.policies import SoftPolicy
+
+    weights = torch.full((3, 1, 2), 0.9, dtype=torch.float64, requires_grad=True)
+    policy = SoftPolicy(weights, 0.5, order=1, history_grad=history_grad)
+    runtime = SimpleNamespace(clock=SimpleNamespace(step=0, call=0), slots=SlotStore())
+    x, gate = torch.zeros(1, 3, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
+    fresh = [torch.full((1, 3, 2), v, dtype=torch.float64) for v in (1.0, 3.0, 4.0)]
+    for step in range(3):
+        runtime.clock.step = step
+        out = policy.run_branch(runtime, 0, 0, x, gate, lambda x_, _: fresh[step])
+    out.sum().backward()
+    # By hand: the step-1 refresh is v1 = f0 + w1 (f1 - f0) (its forecast is reuse of f0), step 2 serves
+    # w2 f2 + (1 - w2) (v1 + (v1 - f0)), so d out / d w1 = (1 - w2) * 2 (f1 - f0) per element.
+    expected = (1 - 0.9) * 2 * (3.0 - 1.0) * 6 if history_grad else 0.0
+    assert float(weights.grad[1, 0, 0]) == pytest.approx(expected)
+    assert float(weights.grad[2, 0, 0]) != 0.0  # step 2's own weight, either way

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 import harmonica as hc
 from harmonica.sampling import sample
-from harmonica.train import ClassConditioning, PromptConditioning, TrainConfig, train_router
+from harmonica.train import ClassConditioning, PromptConditioning, TrainConfig, start_from, train_router
 from harmonica.train.distributed import draw_int, draw_normal
 from harmonica.train.policies import SoftPolicy, TeacherPolicy
 
@@ -311,6 +311,17 @@ def test_keep_threshold_steers_the_trained_schedule_and_never_delivers_longer_ga
     assert all(s["beta"] != 1e-4 for s in soft) and all(s["soft_speedup"] != speed for s in soft)
 
 
+def test_history_grad_trains_order_2_routers_to_finite_other_logits():
+    """Through a young history (order 2 capped by fewer computes: NaN positions) the gradient stays finite,
+    and crediting refreshes changes what training does to the rows that refresh."""
+    model = make_dit()
+    start = hc.Schedule.taylorseer(STEPS, BLOCKS, 2, order=2)
+    runs = {flag: train_router(model, ddim(), config(**start_from(start), history_grad=flag, iterations=2))
+            for flag in (False, True)}
+    assert all(bool(torch.isfinite(r.logits).all()) for r in runs.values())
+    assert not torch.equal(runs[True].logits[2], runs[False].logits[2])  # step 2 refreshes, step 3 forecasts
+
+
 def test_keep_threshold_adds_computes_for_a_slower_target_but_never_removes_trained_ones():
     model = make_dit()
     start = hc.Schedule.taylorseer(STEPS, BLOCKS, 2, order=1)
@@ -429,6 +440,7 @@ def test_non_finite_prompt_embeddings_are_refused_at_construction(field):
     (dict(target_speedup=0.9), r"TrainConfig.target_speedup: must be a finite number > 1.0"),
     (dict(seed=-1), r"TrainConfig.seed: must be an int >= 0"),
     (dict(keep_threshold="yes"), r"TrainConfig.keep_threshold: must be True or False, got 'yes'"),
+    (dict(history_grad=1), r"TrainConfig.history_grad: must be True or False, got 1"),
     (dict(latent_size=0), r"TrainConfig.latent_size: must be an int >= 1"),
     (dict(conditioning=ClassConditioning(NUM_CLASSES, NUM_CLASSES), init_router="r.safetensors"),
      r"TrainConfig.init_router: must be a harmonica Router, got str"),

@@ -169,6 +169,9 @@ class TrainConfig:
                    never saw (RESULTS.md). Pair it with a threshold near 0.5 and an ``init_router`` such
                    as ``Router.from_schedule(Schedule.taylorseer(T, L, 3, order=2))``.
     init_router:   the router training starts from (default: logits ~ N(0, init_std^2)).
+    history_grad:  SDT only: a step's loss also reaches the weights of the earlier refreshes its
+                   forecast extrapolates from (a compute's credit for later forecasts; without it the
+                   cached history is detached and dropping a history-building compute looks free).
     l2c_latents:   (N, C, H, W) clean model-space inputs for L2C; l2c_choices (N,) their labels /
                    prompt indices (None = random conditioning).
     checkpoint_every: iterations between checkpoints (0 = only the final one) in checkpoint_dir.
@@ -196,6 +199,7 @@ class TrainConfig:
     iepo_variant: str = "paper"
     threshold: float = DEFAULT_THRESHOLD
     keep_threshold: bool = False
+    history_grad: bool = False
     clamp: float = 5.0
     init_std: float = 1.0
     init_router: Optional[Router] = None
@@ -302,8 +306,9 @@ def check_fields(config: TrainConfig) -> None:
     threshold = config.threshold
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
         raise _fail("threshold", f"must be in (0, 1) (compute iff weight > threshold), got {threshold!r}")
-    if not isinstance(config.keep_threshold, bool):
-        raise _fail("keep_threshold", f"must be True or False, got {config.keep_threshold!r}")
+    for name in ("keep_threshold", "history_grad"):
+        if not isinstance(getattr(config, name), bool):
+            raise _fail(name, f"must be True or False, got {getattr(config, name)!r}")
     if config.iepo_variant not in IEPO_VARIANTS:
         raise _fail("iepo_variant", f"unknown variant {config.iepo_variant!r}; choose one of "
                                     f"{', '.join(IEPO_VARIANTS)}")

@@ -58,7 +58,8 @@ class Run:
     def soft(self, first_step: int = 0) -> SoftPolicy:
         """The student policy at the router's current weights (no graph: the trajectory's own steps set
         graph-carrying weights before each update)."""
-        return SoftPolicy(self.router.weights().detach(), self.config.threshold, first_step, self.config.forecast_order)
+        return SoftPolicy(self.router.weights().detach(), self.config.threshold, first_step, self.config.forecast_order,
+                          history_grad=self.config.history_grad)
 
     def teacher(self, fn, x: torch.Tensor, t, step: int) -> torch.Tensor:
         """Full compute, no slot read or write, no graph: the uncached model's batched output."""
@@ -79,7 +80,7 @@ class Run:
         mse = F.mse_loss(student.float(), teacher.float())
         loss = weight * mse + self.beta * w[step].sum()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward(retain_graph=self.config.history_grad)  # later steps' losses reach this step's refreshes
         all_reduce_mean_(self.router.logits.grad, self.world)
         self.optimizer.step()
         self.router.clamp_(self.config.clamp)

@@ -21,15 +21,20 @@ from ..cache.policies import gated, missing_slot
 class SoftPolicy:
     counts_calls = True
 
-    def __init__(self, weights: torch.Tensor, refresh_threshold: float, first_step: int = 0, order: int = 0):
+    def __init__(self, weights: torch.Tensor, refresh_threshold: float, first_step: int = 0, order: int = 0,
+                 history_grad: bool = False):
         """``weights`` (T, L, 2) in [0, 1], replaced before each optimiser update (``policy.weights = w``);
         ``first_step``: the step whose forward fills the empty slots (0, or L2C's random start step);
         ``order``: what a skipped unit is served at inference, 0 = reuse of its last output, m = a forecast
-        of order m (harmonica.cache.forecast), capped by the unit's history as at inference."""
+        of order m (harmonica.cache.forecast), capped by the unit's history as at inference;
+        ``history_grad``: a refresh keeps its graph to the weight it was taken at, so a later step's loss
+        reaches the weights of the refreshes its forecast extrapolates from (the credit of a compute for
+        later forecasts); the caller must then backward with ``retain_graph=True``."""
         self.weights = weights
         self.refresh_threshold = refresh_threshold
         self.first_step = first_step
         self.order = order
+        self.history_grad = history_grad
         self._history: dict = {}  # unit -> (positions of its last order + 1 refreshes (K+1,), how many)
 
     def computes(self, runtime, block):
@@ -62,18 +67,25 @@ class SoftPolicy:
             distance = position - positions
             coeffs = torch.cat([distance.new_ones(1), torch.cumprod(distance[:-1], 0)])
             coeffs = torch.where(orders < count, coeffs, 0.0).to(table.dtype)
+        through_history = self.history_grad and torch.is_grad_enabled()
+        with torch.set_grad_enabled(through_history):
             forecast = (coeffs.view(-1, *([1] * fresh.dim())) * table).sum(0)
-        out = ops.blend(x, gate, fresh, forecast, w)
-        with torch.no_grad():
-            w = w.detach()
-            value = torch.lerp(forecast, fresh.detach().to(table.dtype), w)
+        out = ops.blend(x, gate, fresh, forecast.detach(), w)
+        if forecast.requires_grad:  # zero in value; carries d out / d forecast = gate * (1 - w)
+            out = gated(out, gate, (1 - w) * (forecast - forecast.detach()))
+        with torch.set_grad_enabled(through_history):
+            value = torch.lerp(forecast, fresh.detach().to(table.dtype), w if self.history_grad else w.detach())
             rows = [value]
             for i in range(1, self.order + 1):  # the divided differences with this refresh as the newest point
-                step_back = (position - positions[i - 1]).to(table.dtype)
+                step_back = position - positions[i - 1]
+                # NaN where the history is not that long yet: where() drops the value, but its gradient
+                # would be 0 * NaN, so the divisor must be finite.
+                step_back = torch.where(torch.isnan(step_back), 1.0, step_back).to(table.dtype)
                 rows.append(torch.where(orders[i] <= count, (rows[-1] - table[i - 1]) / step_back, 0.0))
-            refresh = w > self.refresh_threshold
+            refresh = w.detach() > self.refresh_threshold
             # A new tensor, never the old table's memory: blend saved the forecast built from it.
             runtime.slots.store_new(key, torch.where(refresh, torch.stack(rows), table))
+        with torch.no_grad():
             shifted = torch.cat([positions.new_full((1,), position), positions[:-1]])
             self._history[key] = (torch.where(refresh, shifted, positions),
                                   torch.where(refresh, torch.clamp(count + 1, max=self.order + 1), count))
