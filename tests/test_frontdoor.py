@@ -379,7 +379,7 @@ def test_train_from_taylorseer_starts_from_its_schedule_at_its_speed(tmp_path, c
     assert code == 0, stderr
     config, start = seen["config"], Schedule.taylorseer(10, 8, 3, order=2)
     assert config.init_router.to_schedule(config.threshold) == start and config.forecast_order == 2
-    assert config.keep_threshold and config.iepo_variant == "sensitivity"
+    assert config.keep_threshold and config.history_grad and config.iepo_variant == "sensitivity"
     from diffusers import DiTTransformer2DModel
 
     structure = DiTTransformer2DModel.from_config(DiTTransformer2DModel.load_config(DIT_DIR))

@@ -316,7 +316,7 @@ def test_history_grad_trains_order_2_routers_to_finite_other_logits():
     and crediting refreshes changes what training does to the rows that refresh."""
     model = make_dit()
     start = hc.Schedule.taylorseer(STEPS, BLOCKS, 2, order=2)
-    runs = {flag: train_router(model, ddim(), config(**start_from(start), history_grad=flag, iterations=2))
+    runs = {flag: train_router(model, ddim(), config(**{**start_from(start), "history_grad": flag}, iterations=2))
             for flag in (False, True)}
     assert all(bool(torch.isfinite(r.logits).all()) for r in runs.values())
     assert not torch.equal(runs[True].logits[2], runs[False].logits[2])  # step 2 refreshes, step 3 forecasts

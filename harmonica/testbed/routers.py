@@ -50,10 +50,9 @@ RECIPES: dict[str, dict] = {
     # Forecasting routers that start from TaylorSeer's schedule of interval N ("tsN", order 2) at its speed
     # (harmonica.train.start_from): they learn where to move its computes. IEPO every 10 iterations at T=20.
     "harmonica-o2-ts3_ddim_20": dict(_T20, method="harmonica", forecast_order=2, init_taylorseer=3, iepo_refresh=10),
-    "harmonica-o2-ts3h_ddim_20": dict(_T20, method="harmonica", forecast_order=2, init_taylorseer=3, iepo_refresh=10,
-                                      history_grad=True),
     "l2c-o2-ts3_ddim_20": dict(_T20, method="l2c", forecast_order=2, init_taylorseer=3, lr=0.01, iterations=80 * 19),
-    "harmonica-o2-ts4_ddim_50": dict(_T50, method="harmonica", forecast_order=2, init_taylorseer=4),
+    # Trained before history_grad existed (so without it); at T=50 no unit moved either way we tried.
+    "harmonica-o2-ts4_ddim_50": dict(_T50, method="harmonica", forecast_order=2, init_taylorseer=4, history_grad=False),
 }
 
 
@@ -123,7 +122,7 @@ def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_S
           batch_size: int = 8, target_speedup: Optional[float] = None, beta: float = RECIPE["beta"],
           lr: Optional[float] = None, forecast_order: int = 0, threshold: Optional[float] = None,
           iepo_refresh: int = RECIPE["iepo_refresh"], iepo_variant: Optional[str] = None,
-          init_taylorseer: Optional[int] = None, history_grad: bool = False, seed: int = 0,
+          init_taylorseer: Optional[int] = None, history_grad: Optional[bool] = None, seed: int = 0,
           dit_dir: Optional[str] = None, out: Optional[Path] = None,
           checkpoint_dir: Optional[str] = None, resume: bool = False, log_file: Optional[str] = None) -> Router:
     """``init_taylorseer=N``: start from TaylorSeer's schedule of interval N (order ``forecast_order``), as
@@ -136,11 +135,12 @@ def train(method: str, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_S
     bed = load_testbed(dit_dir)
     settings = {k: v for k, v in dict(forecast_order=forecast_order, threshold=threshold,
                                       iepo_variant=iepo_variant).items() if v is not None}
-    settings["history_grad"] = history_grad
     start = None
     if init_taylorseer is not None:
         start = Schedule.taylorseer(steps, len(bed.transformer.transformer_blocks), init_taylorseer, forecast_order)
         settings.update(start_from(start, threshold=settings.get("threshold", 0.5)))
+    if history_grad is not None:
+        settings["history_grad"] = history_grad
     if method == "l2c":
         from .data import load_tensors
 

@@ -241,11 +241,12 @@ def start_from(schedule: Schedule, *, threshold: float = 0.5) -> dict:
         TrainConfig(**start_from(start), target_speedup=start.theoretical_speedup(cost), ...)
 
     The router starts with logits +-3 (:meth:`Router.from_schedule`), serves skipped units as the
-    schedule does, is delivered at no higher threshold than training followed (``keep_threshold``), and
-    IEPO weights each step whichever way the router decides it ("sensitivity")."""
+    schedule does, is delivered at no higher threshold than training followed (``keep_threshold``),
+    IEPO weights each step whichever way the router decides it ("sensitivity"), and a compute is
+    credited with the later forecasts it feeds (``history_grad``)."""
     router = Router.from_schedule(schedule)
     return {"init_router": router, "forecast_order": router.forecast_order, "keep_threshold": True,
-            "threshold": threshold, "iepo_variant": "sensitivity"}
+            "threshold": threshold, "iepo_variant": "sensitivity", "history_grad": True}
 
 
 def _fail(field: str, problem: str) -> ValueError:
