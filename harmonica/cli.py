@@ -493,8 +493,10 @@ def check_train(args) -> None:
     from .train.checkpoint import path_in
 
     check_values(args, steps=_integer(2), init_taylorseer=_integer(2))
-    if not 0 <= args.forecast_order <= 4:
-        raise UsageError(f"--forecast-order: must be an integer in [0, 4] (0 = reuse), got {args.forecast_order}")
+    from .schedule import MAX_ORDER
+
+    if not 0 <= args.forecast_order <= MAX_ORDER:
+        raise UsageError(f"--forecast-order: must be an integer in [0, {MAX_ORDER}] (0 = reuse), got {args.forecast_order}")
     _only_with(args, bool(args.checkpoint_dir), "--checkpoint-dir", "resume")
     _writable(args.out, "--out")
     if args.checkpoint_dir:
@@ -617,9 +619,11 @@ def check_frontier(args) -> None:
         raise UsageError(f"--seeds must be distinct seeds (comma-separated), got {args.seeds}")
     if args.fewer_steps and max(args.fewer_steps) >= steps:
         raise UsageError(f"--fewer-steps must be below T = {steps} (--steps), got {max(args.fewer_steps)}")
-    too_high = [m for m in args.orders if m > 4]
+    from .schedule import MAX_ORDER
+
+    too_high = [m for m in args.orders if m > MAX_ORDER]
     if too_high:
-        raise UsageError(f"--orders: forecast orders go up to 4, got {too_high[0]}")
+        raise UsageError(f"--orders: forecast orders go up to {MAX_ORDER}, got {too_high[0]}")
     if args.no_timing and args.retime:
         raise UsageError("--no-timing and --retime contradict each other; keep one")
     if args.out:

@@ -74,7 +74,7 @@ class SoftPolicy:
         if forecast.requires_grad:  # zero in value; carries d out / d forecast = gate * (1 - w)
             out = gated(out, gate, (1 - w) * (forecast - forecast.detach()))
         with torch.set_grad_enabled(through_history):
-            value = torch.lerp(forecast, fresh.detach().to(table.dtype), w if self.history_grad else w.detach())
+            value = torch.lerp(forecast, fresh.detach().to(table.dtype), w)  # a graph only through_history
             rows = [value]
             for i in range(1, self.order + 1):  # the divided differences with this refresh as the newest point
                 step_back = position - positions[i - 1]
@@ -82,7 +82,7 @@ class SoftPolicy:
                 # would be 0 * NaN, so the divisor must be finite.
                 step_back = torch.where(torch.isnan(step_back), 1.0, step_back).to(table.dtype)
                 rows.append(torch.where(orders[i] <= count, (rows[-1] - table[i - 1]) / step_back, 0.0))
-            refresh = w.detach() > self.refresh_threshold
+            refresh = w > self.refresh_threshold
             # A new tensor, never the old table's memory: blend saved the forecast built from it.
             runtime.slots.store_new(key, torch.where(refresh, torch.stack(rows), table))
         with torch.no_grad():
