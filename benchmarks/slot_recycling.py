@@ -1,63 +1,98 @@
-"""Page faults and time of cached runs with and without slot recycling, in one plain process.
+"""Page faults and time of cached runs by how the slot store gets its storage, each in a plain process.
 
-    python benchmarks/slot_recycling.py [--steps 6] [--rounds 3]
+    python benchmarks/slot_recycling.py [--schedule fora|taylorseer] [--steps 6] [--rounds 3]
 
-A DiT-XL/2-shaped model (random weights, one image with CFG), FORA interval 2, three copies timed in
-interleaved rounds: uncached, cached, and cached with recycling switched off (every slot store
-allocates fresh storage, as harmonica did before the slot store recycled it). Prints seconds and minor
-page faults (getrusage) of each copy's fastest round. No allocator tuning: glibc's defaults, as in a
-user's process.
+A DiT-XL/2-shaped model (random weights, one image with CFG), FORA interval 2 or TaylorSeer interval 2
+order 2, timed in interleaved rounds, each variant in a process of its own (harmonica.timing.
+measure_processes; glibc's defaults, as in a user's process):
+
+* uncached;
+* cached: the slot store as shipped (one block of storage for the run's peak of live slots, recycled);
+* cached, a block per slot: recycled, but each slot its own allocation (as before the store took blocks);
+* cached, no recycling: every store allocates fresh storage (as before the store recycled it).
+
+Prints seconds, minor page faults and CPU seconds of each variant's fastest round.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-
-import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel
-
-import harmonica as hc
-from harmonica.cache.slots import SlotStore
-from harmonica.sampling import sample
-from harmonica.timing import cached_copy, measure
+import sys
 
 XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
           sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
+VARIANTS = ("uncached", "cached", "cached, a block per slot", "cached, no recycling")
+
+
+def build_model(device: str = "cpu"):
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):  # "meta": the structure alone, for the FLOP count
+        return DiTTransformer2DModel(**XL).eval().requires_grad_(False)
+
+
+def schedule_for(args):
+    import harmonica as hc
+
+    if args.schedule == "fora":
+        return hc.Schedule.fora(args.steps, XL["num_layers"], interval=2)
+    return hc.Schedule.taylorseer(args.steps, XL["num_layers"], interval=2, order=2)
+
+
+def serve(args) -> None:
+    """One variant's process: build it, then time it on request."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    import harmonica as hc
+    from harmonica.cache.slots import SlotStore
+    from harmonica.sampling import sample
+    from harmonica.timing import serve_runs
+
+    torch.set_num_threads(args.threads)
+    model = build_model()
+    if args.serve != "uncached":
+        runtime = hc.enable_cache(model, schedule_for(args))
+        if args.serve != "cached":
+            runtime.slots.block_slots = 1
+        if args.serve == "cached, no recycling":
+            plain_free = SlotStore.free
+            SlotStore.free = lambda store, key, *, recycle=True: plain_free(store, key, recycle=False)
+    labels = torch.tensor([207])
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        sample(model, DDIMScheduler(), latents, num_inference_steps=args.steps, cond={"class_labels": labels},
+               uncond={"class_labels": torch.full_like(labels, 1000)}, guidance_scale=1.5, progress=False)
+
+    serve_runs(run)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--schedule", choices=("fora", "taylorseer"), default="fora")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--serve", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(**XL).eval().requires_grad_(False)
-    schedule = hc.Schedule.fora(args.steps, 28, interval=2)
-    models = {"uncached": model, "cached": cached_copy(model, schedule),
-              "cached, no recycling": cached_copy(model, schedule)}
-    no_recycling = hc.get_cache_state(models["cached, no recycling"]).slots
-    plain_free = SlotStore.free
+    if args.serve:
+        return serve(args)
 
-    def free_without_recycling(store, key, *, recycle=True):
-        plain_free(store, key, recycle=recycle and store is not no_recycling)
+    import harmonica as hc
+    from harmonica.timing import measure_processes
 
-    SlotStore.free = free_without_recycling
-    labels = torch.tensor([207])
-    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
-
-    def run(name):
-        sample(models[name], DDIMScheduler(), latents, num_inference_steps=args.steps, cond={"class_labels": labels},
-               uncond={"class_labels": torch.full_like(labels, 1000)}, guidance_scale=1.5, progress=False)
-
-    timings = measure({name: (lambda name=name: run(name)) for name in models}, repeats=args.rounds)
-    theoretical = schedule.theoretical_speedup(hc.model_cost(model, batch=2))
-    result = {name: {"seconds": t.seconds, "page_faults": t.page_faults,
+    common = [sys.executable, __file__, "--schedule", args.schedule, "--steps", str(args.steps),
+              "--threads", str(args.threads)]
+    timings = measure_processes({v: [*common, "--serve", v] for v in VARIANTS}, repeats=args.rounds)
+    cost = hc.model_cost(build_model("meta"), batch=2)
+    result = {name: {"seconds": t.seconds, "page_faults": t.page_faults, "cpu_seconds": t.cpu_seconds,
                      "speedup": timings["uncached"].seconds / t.seconds} for name, t in timings.items()}
-    result["theoretical_speedup"] = theoretical
-    result["slot_allocations"] = {name: hc.get_cache_state(m).slots.allocations for name, m in models.items()
-                                  if name != "uncached"}
-    result["threads"] = torch.get_num_threads()
+    result["theoretical_speedup"] = schedule_for(args).theoretical_speedup(cost)
+    result["threads"] = args.threads
     print(json.dumps(result, indent=2))
 
 

@@ -697,7 +697,7 @@ def check_bench(args) -> None:
         _writable(args.json, "--json")
 
 
-def _bench_model(shape: str):
+def _bench_model(shape: str, device: str = "cpu"):
     import torch
     from diffusers import DiTTransformer2DModel
 
@@ -707,36 +707,61 @@ def _bench_model(shape: str):
         return testbed.load().transformer
     layers, heads, head_dim, size = BENCH_SHAPES[shape]
     torch.manual_seed(0)
-    return DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
-                                 out_channels=8, num_layers=layers, sample_size=size, patch_size=2,
-                                 num_embeds_ada_norm=1000).eval().requires_grad_(False)
+    with torch.device(device):  # "meta": the structure alone, for the FLOP count
+        model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
+                                      out_channels=8, num_layers=layers, sample_size=size, patch_size=2,
+                                      num_embeds_ada_norm=1000)
+    return model.eval().requires_grad_(False)
 
 
-def cmd_bench(args) -> int:
+def _bench_side(args) -> int:
+    """One side of `harmonica bench` (--side): the model, uncached or cached, timed by serve_runs."""
     import torch
     from diffusers import DDIMScheduler
 
-    from .apply import model_cost
+    from .apply import enable_cache
     from .sampling import sample
-    from .timing import cached_copy, measure
+    from .timing import serve_runs
 
     model = _bench_model(args.shape)
-    schedule = args.plan
-    blocks = schedule.num_blocks
+    if args.side == "cached":
+        enable_cache(model, args.plan)  # once, as a user does: the slots stay warm from run to run
     size, channels = model.config.sample_size, model.config.in_channels
     latents = torch.randn(args.batch, channels, size, size, generator=torch.Generator().manual_seed(0))
     labels = torch.zeros(args.batch, dtype=torch.long)
     null = model.transformer_blocks[0].norm1.emb.class_embedder.num_classes
-    models = {"uncached": model, "cached": cached_copy(model, schedule)}
 
-    def run(name):
-        sample(models[name], DDIMScheduler(), latents, num_inference_steps=args.steps, cond={"class_labels": labels},
+    def run():
+        sample(model, DDIMScheduler(), latents, num_inference_steps=args.steps, cond={"class_labels": labels},
                uncond={"class_labels": torch.full_like(labels, null)}, guidance_scale=1.5, progress=False)
 
-    # A plain process, as a user's: no allocator tuning; the cached copy keeps its slots warm.
-    timings = measure({name: (lambda name=name: run(name)) for name in models}, repeats=args.rounds)
+    serve_runs(run)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from .apply import model_cost
+    from .timing import measure_processes
+
+    if args.side:
+        return _bench_side(args)
+    # Each side in a plain process of its own, as a user runs it (no allocator tuning; one model per
+    # process: two models sharing one allocator fault each other's activations in afresh).
+    side_args = ["--shape", args.shape, "--steps", str(args.steps), "--batch", str(args.batch),
+                 "--threads", str(torch.get_num_threads()), "--quiet"]
+    if args.schedule:
+        side_args += ["--schedule", str(args.schedule)]
+    if args.threshold is not None:
+        side_args += ["--threshold", repr(args.threshold)]
+    timings = measure_processes({side: [sys.executable, "-m", "harmonica", "bench", *side_args, "--side", side]
+                                 for side in ("uncached", "cached")}, repeats=args.rounds)
+    schedule = args.plan
+    blocks = schedule.num_blocks
     t_uncached, t_cached = timings["uncached"].seconds, timings["cached"].seconds
-    theoretical = schedule.theoretical_speedup(model_cost(model, batch=2 * args.batch))
+    structure = _bench_model(args.shape, "cpu" if args.shape == "testbed" else "meta")
+    theoretical = schedule.theoretical_speedup(model_cost(structure, batch=2 * args.batch))
     measured = t_uncached / t_cached
     result = {"shape": args.shape, "blocks": blocks, "batch": args.batch, "steps": args.steps,
               "cache_usage": schedule.cache_usage, "uncached_s": t_uncached, "cached_s": t_cached,
@@ -858,6 +883,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="images per batch (the transformer sees 2x with CFG)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds, best kept")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    # Internal: the process that times one side (bench starts one per side).
+    p.add_argument("--side", choices=("uncached", "cached"), default=None, help=argparse.SUPPRESS)
     return parser
 
 

@@ -7,11 +7,14 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import json
 import resource
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Optional
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Mapping, Optional, Sequence, TextIO
 
 from torch import nn
 
@@ -61,24 +64,102 @@ def measure(runs: Mapping[str, Callable[[], object]], repeats: int = 3, warmup: 
     On a machine shared with other jobs, wall time includes the waits for a core; the CPU time of a
     one-thread run does not (it still includes page faults, which the kernel bills to the process),
     so it is the steadier estimate of what the run takes on a machine of its own."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    _check_repeats(repeats)
     if warmup:
         for run in runs.values():
             run()
-    best: dict[str, RunTiming] = {name: RunTiming(float("inf"), 0) for name in runs}
+    best = {name: _Best() for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            cpu, start = time.process_time(), time.perf_counter()
-            run()
-            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-            timing = best[name]
-            if seconds < timing.seconds:
-                timing.seconds = seconds
-                timing.page_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-            timing.cpu_seconds = min(timing.cpu_seconds, cpu)
-    return best
+            best[name].add(time_run(run))
+    return {name: b.timing for name, b in best.items()}
+
+
+def time_run(run: Callable[[], object]) -> RunTiming:
+    """Wall time, minor page faults and CPU time of one call of ``run``."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    cpu, start = time.process_time(), time.perf_counter()
+    run()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return RunTiming(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, cpu)
+
+
+class _Best:
+    """The fastest round (with its page faults) and the least CPU time of the rounds seen so far."""
+
+    def __init__(self):
+        self.timing = RunTiming(float("inf"), 0)
+
+    def add(self, timing: RunTiming) -> None:
+        cpu = min(self.timing.cpu_seconds, timing.cpu_seconds)
+        if timing.seconds < self.timing.seconds:
+            self.timing = RunTiming(timing.seconds, timing.page_faults)
+        self.timing.cpu_seconds = cpu
+
+
+def _check_repeats(repeats: int) -> None:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+
+
+# ---------------------------------------------------------------------------------- one process per run
+# Two models timed in one process share its allocator: on glibc the freed activations of one change
+# when the other's are handed back to the kernel, so a cached DiT-XL/2 run interleaved with an
+# uncached one page-faulted 490k-780k times per run, and 310k-460k in a process of its own (which is
+# how a user runs it). measure_processes() gives every run its own process and keeps the rounds
+# interleaved; serve_runs() is the other end, run by each of those processes.
+
+_READY, _TIMING = "harmonica-timing: ready", "harmonica-timing: "
+
+
+def serve_runs(run: Callable[[], object], requests: TextIO | None = None, replies: TextIO | None = None) -> None:
+    """Time ``run`` once per line read from ``requests`` (stdin), replying on ``replies`` (stdout), after
+    one untimed warm-up run: the end of :func:`measure_processes` that runs in each measured process."""
+    requests, replies = requests or sys.stdin, replies or sys.stdout
+    run()
+    print(_READY, file=replies, flush=True)
+    for _ in requests:
+        print(_TIMING + json.dumps(asdict(time_run(run))), file=replies, flush=True)
+
+
+def measure_processes(commands: Mapping[str, Sequence[str]], repeats: int = 3) -> dict[str, RunTiming]:
+    """:func:`measure` with each run in a process of its own: ``commands[name]`` starts a process that
+    calls :func:`serve_runs`. The processes start (and warm up) together; then each round asks every
+    one of them for one timed run in turn, so they are interleaved as in :func:`measure`."""
+    _check_repeats(repeats)
+    processes = {name: subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                 for name, command in commands.items()}
+    try:
+        for name, process in processes.items():
+            _reply(name, process, _READY)
+        best = {name: _Best() for name in processes}
+        for _ in range(repeats):
+            for name, process in processes.items():
+                process.stdin.write("run\n")
+                process.stdin.flush()
+                best[name].add(RunTiming(**json.loads(_reply(name, process, _TIMING))))
+        return {name: b.timing for name, b in best.items()}
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.stdin.close()  # serve_runs returns at the end of its input
+        for process in processes.values():
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _reply(name: str, process: subprocess.Popen, prefix: str) -> str:
+    """The rest of the next line from ``process`` that starts with ``prefix`` (other output is passed on)."""
+    for line in process.stdout:
+        if line.startswith(prefix):
+            return line[len(prefix):]
+        sys.stdout.write(line)
+    code = process.wait()
+    raise RuntimeError(f"the timed process for {name!r} exited with code {code} before replying (its error, if any, "
+                       f"is printed above)")
 
 
 def cached_copy(model: nn.Module, schedule: Optional[Schedule]) -> nn.Module:

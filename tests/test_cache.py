@@ -88,11 +88,16 @@ def test_cfg_as_two_calls_per_step_in_a_foreign_loop():
         u = model(x, timestep=ts, **uncond).sample[:, :4]
         return u + 2.5 * (c - u)
 
-    hc.enable_cache(model, schedule, calls_per_step=2)
+    runtime = hc.enable_cache(model, schedule, calls_per_step=2)
     with torch.no_grad():
         for _ in range(2):
             got = denoise(two_calls, DDIMScheduler(), latents, num_inference_steps=STEPS, progress=False)
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Each call of a step keeps its own slots: one block of twice the schedule's peak (a bound: the two
+    # calls' tables need not peak at the same time).
+    slots = runtime.slots
+    assert (slots.allocations, slots.allocated_slots) == (1, 2 * schedule.peak_cache_slots())
+    assert 0 < runtime.peak_cache_bytes <= slots.allocated_slots * 2 * 16 * 32 * 4  # (2 samples, 16 tokens, width 32)
 
 
 # ---------------------------------------------------------------------------------- per-sample

@@ -101,3 +101,19 @@ def test_evaluate_end_to_end(tmp_path):
     methods = [row["method"] for row in table["rows"]]
     assert methods[0].startswith("uncached") and any("fora" in m.lower() for m in methods)
     assert (tmp_path / "table.md").read_text().count("|") > 20
+
+
+def test_bench_end_to_end_on_the_testbed(tmp_path):
+    router = hc.testbed.load_router("harmonica", "ddim", 20)
+    router.save(tmp_path / "router.safetensors")
+    out = tmp_path / "bench.json"
+    result = run("bench", "--shape", "testbed", "--schedule", str(tmp_path / "router.safetensors"), "--threshold",
+                 "0.4", "--batch", "2", "--rounds", "2", "--threads", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(out.read_text())
+    # The router at --threshold: the theoretical speedup is that schedule's.
+    schedule = router.to_schedule(0.4)
+    theoretical = schedule.theoretical_speedup(hc.model_cost(hc.testbed.load().transformer, batch=4))
+    assert numbers["theoretical_speedup"] == pytest.approx(theoretical) and numbers["steps"] == 20
+    assert numbers["measured_speedup"] == pytest.approx(numbers["uncached_s"] / numbers["cached_s"])
+    assert numbers["threads"] == 1 and numbers["page_faults_cached"] >= 0

@@ -254,6 +254,7 @@ def test_peak_cache_bytes_count_every_difference_slot(name):
     slot_bytes = 4 * 16 * 32 * 4  # (2 CFG halves x 2 samples, 16 tokens, width 32) float32
     peak = schedule.peak_cache_slots()
     assert runtime.peak_cache_bytes == peak * slot_bytes
+    assert (runtime.slots.allocations, runtime.slots.allocated_slots) == (1, peak), "one block, the liveness bound"
     assert peak > hc.Schedule(schedule.mask).peak_cache_slots(), "forecast tables hold more than reuse slots"
 
 

@@ -447,8 +447,8 @@ def test_per_sample_mode_is_scoped():
             pipe.transformer(x, timestep=torch.tensor([999 - step, 999]), class_labels=labels)
             # One slot per unit whatever the steps: memory stays bounded in per-sample mode.
             assert runtime.cache_bytes <= BLOCKS * 2 * x.shape[0] * 16 * 32 * 4
-        assert runtime.cache_bytes > 0
-    assert runtime.cache_bytes == 0
+        assert runtime.cache_bytes > 0 and runtime.slots.block_slots == BLOCKS * 2
+    assert runtime.cache_bytes == 0 and runtime.slots.block_slots == SCHEDULE.peak_cache_slots()
     np.testing.assert_array_equal(run(pipe, dit_pipeline_kwargs), expected)
 
 
@@ -533,15 +533,16 @@ def test_warm_runs_allocate_no_slot_storage_and_peak_is_the_liveness_bound():
                guidance_scale=2.0, progress=False)
 
     one_run()
-    first = runtime.slots.allocations
     slot_bytes = 4 * 16 * 32 * 4  # (2 CFG halves x 2 samples, 16 tokens, width 32) float32
-    assert first == liveness_peak(SCHEDULE.mask) > 0, "a cold run allocates only as many slots as are alive at once"
-    assert runtime.peak_cache_bytes == liveness_peak(SCHEDULE.mask) * slot_bytes
+    peak = liveness_peak(SCHEDULE.mask)
+    # One block of storage, of exactly as many slots as are alive at once.
+    assert (runtime.slots.allocations, runtime.slots.allocated_slots) == (1, peak) and peak > 0
+    assert runtime.peak_cache_bytes == peak * slot_bytes
     for _ in range(2):
         one_run()
-    assert runtime.slots.allocations == first, "warm runs recycle the slots' storage"
-    assert runtime.peak_cache_bytes == liveness_peak(SCHEDULE.mask) * slot_bytes
-    assert runtime.cache_bytes == 0 and runtime.slots.pooled_bytes <= runtime.peak_cache_bytes
+    assert (runtime.slots.allocations, runtime.slots.allocated_slots) == (1, peak), "warm runs recycle the storage"
+    assert runtime.peak_cache_bytes == peak * slot_bytes
+    assert runtime.cache_bytes == 0 and runtime.slots.pooled_bytes == runtime.peak_cache_bytes
     hc.disable_cache(model)
 
 
@@ -562,3 +563,22 @@ def test_training_slots_are_never_pooled():
     store.store_new("unit", kept)
     store.free("unit")
     assert store.slot_for("other", kept).data_ptr() != kept.data_ptr()  # its memory is not reused
+
+
+def test_fresh_slots_are_views_of_one_block_each_starting_on_a_cache_line():
+    from harmonica.cache.slots import SlotStore
+
+    store = SlotStore()
+    store.block_slots = 3
+    like = torch.empty(5, 3, dtype=torch.float16)  # 30 bytes: the next slot starts 64 bytes on
+    slots = [store.slot_for(key, like) for key in "abc"]
+    assert (store.allocations, store.allocated_slots) == (1, 3)
+    assert all(s.shape == like.shape and s.dtype == like.dtype and s.is_contiguous() for s in slots)
+    pointers = sorted(s.data_ptr() for s in slots)
+    assert all(p % 64 == 0 for p in pointers) and pointers[1] - pointers[0] == 64
+    assert len({s.untyped_storage().data_ptr() for s in slots}) == 1  # one block
+    for s, value in zip(slots, (1.0, 2.0, 3.0)):
+        s.fill_(value)
+    assert [s.unique().tolist() for s in slots] == [[1.0], [2.0], [3.0]]  # no two slots overlap
+    store.slot_for("d", like)  # a fourth slot alive at once: a block of one more
+    assert (store.allocations, store.allocated_slots) == (2, 4)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ctypes.util
+import io
+import json
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from harmonica.timing import best_times
+from harmonica.timing import best_times, measure_processes, serve_runs
 
 # Allocates, touches and frees a 64 MB tensor, with glibc's defaults ("default") or after
 # keep_freed_memory() ("keep"), and prints the minor page faults of one more such round. 64 MB is
@@ -56,3 +58,54 @@ def test_best_times_interleaves_rounds_and_keeps_the_fastest():
     assert set(times) == {"a", "b"} and all(0 <= t < 1 for t in times.values())
     with pytest.raises(ValueError, match="repeats"):
         best_times({"a": lambda: None}, repeats=0)
+
+
+# A process timed by measure_processes: each run appends "<name> <pid>" to a log file shared by all of them.
+_SERVED = textwrap.dedent("""
+    import os, sys
+    from harmonica.timing import serve_runs
+
+    name, log = sys.argv[1], sys.argv[2]
+    if name == "broken":
+        sys.exit(3)
+
+    def run():
+        with open(log, "a") as f:
+            f.write(f"{name} {os.getpid()}\\n")
+
+    serve_runs(run)
+""")
+
+
+def test_measure_processes_times_each_run_in_its_own_process_in_interleaved_rounds(tmp_path):
+    log = tmp_path / "runs.txt"
+    commands = {name: [sys.executable, "-c", _SERVED, name, str(log)] for name in ("a", "b")}
+    timings = measure_processes(commands, repeats=3)
+    lines = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(name for name, _ in lines[:2]) == ["a", "b"]  # one warm-up run each, started together
+    assert [name for name, _ in lines[2:]] == ["a", "b"] * 3  # then the interleaved timed rounds
+    pids = {name: {pid for n, pid in lines if n == name} for name in ("a", "b")}
+    assert all(len(p) == 1 for p in pids.values()) and pids["a"] != pids["b"]  # one process per run, kept
+    assert set(timings) == {"a", "b"}
+    for timing in timings.values():
+        assert 0 <= timing.seconds < 5 and timing.page_faults >= 0 and 0 <= timing.cpu_seconds < 5
+
+
+def test_measure_processes_names_the_process_that_died(tmp_path):
+    commands = {name: [sys.executable, "-c", _SERVED, name, str(tmp_path / "runs.txt")] for name in ("a", "broken")}
+    with pytest.raises(RuntimeError, match="'broken' exited with code 3"):
+        measure_processes(commands, repeats=1)
+    with pytest.raises(ValueError, match="repeats"):
+        measure_processes(commands, repeats=0)
+
+
+def test_serve_runs_warms_up_then_times_one_run_per_request():
+    calls = []
+    replies = io.StringIO()
+    serve_runs(lambda: calls.append(1), requests=io.StringIO("run\nrun\n"), replies=replies)
+    lines = replies.getvalue().splitlines()
+    assert len(calls) == 3  # the untimed warm-up and one run per request
+    assert lines[0] == "harmonica-timing: ready" and len(lines) == 3
+    for line in lines[1:]:
+        timing = json.loads(line.removeprefix("harmonica-timing: "))
+        assert set(timing) == {"seconds", "page_faults", "cpu_seconds"} and 0 <= timing["seconds"] < 1

@@ -127,6 +127,7 @@ class PlanPolicy:
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
         self.plan = build_plan(schedule)
+        self._peak = self._count_peak()
 
     def computes(self, runtime, block):
         return tuple(not isinstance(action, Forecast) for action in self.plan[runtime.clock.step][block])
@@ -134,6 +135,9 @@ class PlanPolicy:
     def peak_slots(self) -> int:
         """The most branch-output-sized slots alive at once in a run: what ``peak_cache_bytes`` will be,
         in units of one branch output, whatever the model."""
+        return self._peak
+
+    def _count_peak(self) -> int:
         live, peak = {}, 0
         for row in self.plan:
             for block, actions in enumerate(row):
@@ -219,6 +223,10 @@ class PerSamplePolicy:
         self.steps: tuple[int, ...] | None = None
         self._filled: dict[tuple[int, int], list[bool]] = {}
         self._rows = row_indices
+
+    def peak_slots(self) -> int:
+        """One slot per unit."""
+        return 2 * len(self.compute[0])
 
     def set_steps(self, steps: Sequence[int]) -> None:
         steps = tuple(steps)

@@ -34,6 +34,15 @@ class CacheRuntime:
         self.plan = PlanPolicy(schedule)
         self.policy: BranchPolicy = self.plan
         self.row_indices = RowIndices()  # per-sample mode's device indices, kept across its scopes
+        self._reserve_for(self.plan)
+
+    def _reserve_for(self, policy: BranchPolicy) -> None:
+        """Size the slot store's fresh blocks by the most slots ``policy`` keeps alive at once (1 when
+        it does not say: training's policies store their own tensors)."""
+        peak = getattr(policy, "peak_slots", None)
+        # A step's calls each keep their own slots (a bound: their tables need not peak together).
+        calls = self.clock.calls_per_step if policy.counts_calls else 1
+        self.slots.block_slots = peak() * calls if peak is not None else 1
 
     # ------------------------------------------------------------------ what adapters call
     def computes(self, block: int) -> tuple[bool, bool]:
@@ -93,10 +102,12 @@ class CacheRuntime:
         if not keep_slots:
             self.slots.release()
         self.policy = policy
+        self._reserve_for(policy)
         try:
             yield policy
         finally:
             self.policy = previous
+            self._reserve_for(previous)
             if not keep_slots:
                 self.slots.release()
 
