@@ -2,15 +2,16 @@
 
 Live bytes are what the schedule's liveness says (``cache_bytes``, peak in ``peak_cache_bytes``).
 A freed slot's storage is kept for the next store of the same shape, dtype and device instead of being
-returned to the allocator: on CPU, glibc hands large blocks back to the kernel at free and page-faults
-them in afresh at the next allocation, which cost a plain process ~10% of a cached DiT-XL/2 step.
+returned to the allocator, so a warm run allocates nothing and the memory held does not depend on
+what the allocator does with freed blocks.
 The pool holds only shapes the last run stored, each at most as many as that run had alive at once,
 so the memory kept between runs is the liveness bound; ``release(keep_pool=False)`` (disable_cache) gives it all back.
 
 Fresh storage comes in one block of ``block_slots`` slots (the policy's liveness bound, set by the
-runtime), each slot a view of it. One large block is mapped by glibc apart from its heap; 168 separate
-2.4 MB slots (TaylorSeer order 2 on the DiT-XL/2 shape) sat in the heap among the activations and
-made a plain process page-fault the activations afresh: 631k faults per run instead of 32k-138k.
+runtime), each slot a cache-line-aligned view of it. On CPU, 168 separate 2.4 MB slots (TaylorSeer
+order 2 on the DiT-XL/2 shape) sat in glibc's heap among the activations and made a plain process
+page-fault more of the activations afresh than one block does, which glibc maps apart from its heap
+(631k faults per run vs 295k-468k; benchmarks/README.md).
 """
 
 from __future__ import annotations
