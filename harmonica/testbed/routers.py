@@ -53,9 +53,6 @@ RECIPES: dict[str, dict] = {
     "l2c-o2-ts3_ddim_20": dict(_T20, method="l2c", forecast_order=2, init_taylorseer=3, lr=0.01, iterations=80 * 19),
     # Trained before history_grad existed (so without it); at T=50 no unit moved either way we tried.
     "harmonica-o2-ts4_ddim_50": dict(_T50, method="harmonica", forecast_order=2, init_taylorseer=4, history_grad=False),
-    # The same recipe as the T=20 DDIM one, for DPM-Solver++ (multistep, second order) at 20 steps.
-    "harmonica-o2-ts3_dpmsolver++_20": dict(_T20, sampler="dpmsolver++", method="harmonica", forecast_order=2,
-                                            init_taylorseer=3, iepo_refresh=10),
 }
 
 
