@@ -698,6 +698,8 @@ def check_bench(args) -> None:
 
 
 def _bench_model(shape: str, device: str = "cpu"):
+    """The model `harmonica bench` times: the bundled testbed DiT (always loaded with its weights), or a
+    random-weight DiT of a BENCH_SHAPES shape built on ``device`` ("meta": the structure alone)."""
     import torch
     from diffusers import DiTTransformer2DModel
 
@@ -707,7 +709,7 @@ def _bench_model(shape: str, device: str = "cpu"):
         return testbed.load().transformer
     layers, heads, head_dim, size = BENCH_SHAPES[shape]
     torch.manual_seed(0)
-    with torch.device(device):  # "meta": the structure alone, for the FLOP count
+    with torch.device(device):
         model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
                                       out_channels=8, num_layers=layers, sample_size=size, patch_size=2,
                                       num_embeds_ada_norm=1000)
@@ -760,7 +762,7 @@ def cmd_bench(args) -> int:
     schedule = args.plan
     blocks = schedule.num_blocks
     t_uncached, t_cached = timings["uncached"].seconds, timings["cached"].seconds
-    structure = _bench_model(args.shape, "cpu" if args.shape == "testbed" else "meta")
+    structure = _bench_model(args.shape, "meta")  # for the FLOP count
     theoretical = schedule.theoretical_speedup(model_cost(structure, batch=2 * args.batch))
     measured = t_uncached / t_cached
     result = {"shape": args.shape, "blocks": blocks, "batch": args.batch, "steps": args.steps,
