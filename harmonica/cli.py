@@ -143,15 +143,17 @@ def _plan_with_threshold(plan, args, flag: str):
     return plan
 
 
-def _bundled_router(method: str, sampler: str, steps: int):
-    from .testbed.routers import available, load_router, router_path
+def _best_router(sampler: str, steps: int):
+    """(name, router): the best bundled router for the sampler and steps (testbed.routers.BEST_ROUTERS)."""
+    from .testbed.routers import BEST_ROUTERS, load_router
 
-    if not router_path(method, sampler, steps).exists():
-        have = ", ".join(f"--scheduler {s} --steps {n}" for m, s, n in available() if m == method) or "none"
-        raise UsageError(f"--scheduler {sampler} --steps {steps}: there is no bundled {method} router for these "
+    name = BEST_ROUTERS.get((sampler, steps))
+    if name is None:
+        have = ", ".join(f"--scheduler {s} --steps {n}" for s, n in BEST_ROUTERS)
+        raise UsageError(f"--scheduler {sampler} --steps {steps}: there is no bundled router for these "
                          f"(bundled: {have}); pass one of those, a router file with --schedule, or train one "
                          f"with `harmonica train --scheduler {sampler} --steps {steps} --out r.safetensors`")
-    return load_router(method, sampler, steps)
+    return name, load_router(name, sampler, steps)
 
 
 def _read_json(path: Path, flag: str) -> dict:
@@ -412,10 +414,7 @@ def check_demo(args) -> None:
         args.train_config, args.train_scheduler = _prepare_training(
             args, method="harmonica", batch_size=8, iterations=args.iterations or 40)
     else:
-        from .testbed.routers import DEMO_ROUTER
-
-        args.router_name = DEMO_ROUTER
-        args.router = _bundled_router(DEMO_ROUTER, args.scheduler, args.steps)
+        args.router_name, args.router = _best_router(args.scheduler, args.steps)
         _check_plan_fits(args.router.to_schedule(), args, "the bundled router", steps=args.steps,
                          sampler=_sampler(args, args.scheduler))
 
@@ -532,7 +531,7 @@ def check_sample(args) -> None:
     if args.schedule:
         plan, flag = _load_plan(args.schedule, "--schedule"), f"--schedule {args.schedule}"
     else:
-        plan, flag = _bundled_router("harmonica", args.scheduler, args.steps or 20), "the bundled router"
+        plan, flag = _best_router(args.scheduler, args.steps or 20)[1], "the bundled router"
     args.plan = _plan_with_threshold(plan, args, flag)
     _check_plan_fits(args.plan, args, flag, steps=args.steps, sampler=_sampler(args, args.scheduler))
 
@@ -853,7 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="sample the testbed with a router/schedule applied; prints timing")
     common_sampling(p, steps=None)
     p.add_argument("--model", default="testbed", help="only 'testbed' (for other models use the Python API)")
-    p.add_argument("--schedule", help="router or schedule .safetensors (default: the bundled HarmoniCa router)")
+    p.add_argument("--schedule", help="router or schedule .safetensors (default: the best bundled router for --scheduler/--steps)")
     p.add_argument("--threshold", type=float, default=None, help="router threshold in [0, 1] (default: its own)")
     p.add_argument("--num-images", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2,

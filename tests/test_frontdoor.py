@@ -134,7 +134,7 @@ CASES = [
     # ---- demo
     ("demo --scheduler heun", "invalid choice: 'heun'"),
     ("demo --steps 0", "--steps: must be an integer >= 1, got 0"),
-    ("demo --steps 7", "no bundled harmonica-o2-ts3 router"),
+    ("demo --steps 7", "--scheduler ddim --steps 7: there is no bundled router for these (bundled: --scheduler ddim --steps 20, --scheduler ddim --steps 50)"),
     ("demo --guidance -1", "--guidance: must be a finite number >= 0, got -1.0"),
     ("demo --guidance nan", "--guidance: must be a finite number >= 0, got nan"),
     ("demo --seed -1", "--seed: must be an integer >= 0, got -1"),
@@ -206,7 +206,7 @@ CASES = [
     ("sample --out {out} --scheduler heun", "argument --scheduler: invalid choice: 'heun'"),
     ("sample --out {out} --model {dit}", "--model: sample runs the bundled testbed"),
     ("sample --out {out} --steps 0", "--steps: must be an integer >= 1, got 0"),
-    ("sample --out {out} --steps 7", "no bundled harmonica router"),
+    ("sample --out {out} --steps 7", "--scheduler ddim --steps 7: there is no bundled router for these"),
     ("sample --out {out} --guidance nan", "--guidance: must be a finite number >= 0, got nan"),
     ("sample --out {out} --seed -1", "--seed: must be an integer >= 0"),
     ("sample --out {out} --threshold 5", "--threshold: must be a finite number in [0, 1], got 5.0"),
@@ -386,14 +386,25 @@ def test_train_from_taylorseer_starts_from_its_schedule_at_its_speed(tmp_path, c
     assert config.target_speedup == start.theoretical_speedup(training_cost(structure, config))
 
 
-def test_sample_threshold_applies_to_the_bundled_router(capsys, tmp_path, captured):
+def test_sample_threshold_applies_to_the_best_bundled_router(capsys, tmp_path, captured):
     from harmonica.testbed.routers import load_router
 
     code, _, stderr = run_cli(["sample", "--out", str(tmp_path), "--threshold", "0.9"], capsys)
     assert code == 0, stderr
     plan = captured["args"].plan
     assert plan.metadata["threshold"] == 0.9
-    assert plan == load_router("harmonica", "ddim", 20).to_schedule(0.9)
+    assert plan == load_router("harmonica-o2-ts3", "ddim", 20).to_schedule(0.9)
+
+
+@pytest.mark.parametrize("command", ["sample", "demo"])
+def test_sample_and_demo_default_to_the_best_bundled_router_of_their_steps(command, capsys, tmp_path, captured):
+    from harmonica.testbed.routers import load_router
+
+    code, _, stderr = run_cli([command, "--out", str(tmp_path), "--steps", "50"], capsys)
+    assert code == 0, stderr
+    args = captured["args"]
+    plan = args.plan if command == "sample" else args.router.to_schedule()
+    assert plan == load_router("harmonica-o2-ts4", "ddim", 50).to_schedule()
 
 
 def test_a_plan_for_another_sampler_family_on_the_same_grid_warns_in_one_line(capsys, tmp_path, captured, data):

@@ -27,12 +27,12 @@ from . import ASSETS_DIR, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Test
 
 ROUTERS_DIR = ASSETS_DIR / "routers"
 
-__all__ = ["ROUTERS_DIR", "RECIPES", "DEMO_ROUTER", "available", "load_router", "load_router_specs", "router_path", "load_testbed", "train_recipe", "main"]
+__all__ = ["ROUTERS_DIR", "RECIPES", "BEST_ROUTERS", "best_router", "available", "load_router", "load_router_specs", "router_path", "load_testbed", "train_recipe", "main"]
 
 
-# The router `harmonica demo` shows: the best bundled one at the testbed's default sampler and steps by
-# the frontier (RESULTS.md), a file stem's method part.
-DEMO_ROUTER = "harmonica-o2-ts3"
+# The best bundled router for each (sampler, steps) by the frontier (RESULTS.md), a file stem's method
+# part: what `harmonica demo` and `harmonica sample` use unless told otherwise.
+BEST_ROUTERS = {("ddim", 20): "harmonica-o2-ts3", ("ddim", 50): "harmonica-o2-ts4"}
 
 
 def router_path(method: str, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS) -> Path:
@@ -72,6 +72,14 @@ def train_recipe(name: str, *, dit_dir: Optional[str] = None, out_dir: Optional[
                  log_file=str(work / "log.jsonl"))
 
 
+def best_router(sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS) -> str:
+    """The method part of the best bundled router for ``sampler`` at ``steps`` (:data:`BEST_ROUTERS`)."""
+    if (sampler, steps) not in BEST_ROUTERS:
+        have = ", ".join(f"{s} {n} steps" for s, n in BEST_ROUTERS)
+        raise FileNotFoundError(f"no bundled router for sampler={sampler!r}, steps={steps}; bundled: {have}")
+    return BEST_ROUTERS[sampler, steps]
+
+
 def available() -> list[tuple[str, str, int]]:
     """(method, sampler, steps) of every bundled router."""
     found = []
@@ -89,7 +97,7 @@ def load_router(method: str, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAUL
         raise FileNotFoundError(
             f"no bundled router for method={method!r}, sampler={sampler!r}, steps={steps}; bundled: {have}. "
             f"Train one with `python -m harmonica.testbed.routers --method {method} --sampler {sampler} "
-            f"--steps {steps}`"
+            f"--steps {steps} --iterations 80`"
         )
     return Router.load(path)
 
