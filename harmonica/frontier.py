@@ -70,8 +70,14 @@ def fewer_steps_counts(steps: int) -> list[int]:
     return sorted(counts, reverse=True)
 
 
-def _family(router: Router) -> str:
-    method = {"harmonica": "HarmoniCa", "l2c": "L2C"}.get(router.metadata.get("method"), str(router.metadata.get("method")))
+def _family(name: str, router: Router) -> str:
+    """The curve of a router row: its training method and order, so routers trained alike at several
+    speeds form one curve; a router that records no method (e.g. ``Router.from_schedule``) is a point
+    of its own, named as its row."""
+    method = router.metadata.get("method")
+    if method is None:
+        return name
+    method = {"harmonica": "HarmoniCa", "l2c": "L2C"}.get(method, method)
     order = router.forecast_order
     return f"{method} reuse" if order == 0 else f"{method} forecast o{order}"
 
@@ -93,7 +99,7 @@ def default_rows(num_blocks: int, steps: int, *, routers: Optional[dict[str, Rou
     for name, router in (routers or {}).items():
         if router.num_steps != steps:
             raise ValueError(f"router {name!r} has {router.num_steps} steps but the frontier samples {steps}")
-        rows.append(FrontierRow(name, _family(router), steps, router.to_schedule()))
+        rows.append(FrontierRow(name, _family(name, router), steps, router.to_schedule()))
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ValueError(f"row names must be unique, got {names}")

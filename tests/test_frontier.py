@@ -197,6 +197,16 @@ def test_bad_inputs_are_refused():
         fr.default_rows(BLOCKS, STEPS, routers={"x": hc.Router.init(5, BLOCKS)})
 
 
+def test_router_rows_form_one_curve_per_method_and_order_and_a_methodless_router_stands_alone():
+    start = hc.Router.from_schedule(hc.Schedule.taylorseer(STEPS, BLOCKS, 2, order=2))
+    got = fr.default_rows(BLOCKS, STEPS, routers={"a": router(1), "b": router(1, seed=2), "c": router(0),
+                                                  "moved": start, "other": start},
+                          fora=(), taylorseer=(), fewer=())
+    family = {r.name: r.family for r in got}
+    assert [family[k] for k in ("a", "b", "c", "moved", "other")] == [
+        "HarmoniCa forecast o1", "HarmoniCa forecast o1", "HarmoniCa reuse", "moved", "other"]
+
+
 def test_cli_hook_reaches_the_frontier(capsys):
     from harmonica.cli import main
 
