@@ -84,8 +84,9 @@ def test_demo_end_to_end(tmp_path):
     assert 0 < summary["cache_usage"] < 1
     assert summary["theoretical_speedup"] > 1
     assert summary["cached"]["psnr_vs_uncached_db"] > 10  # cached images stay close to the uncached ones
-    # the fewer-steps row runs as many steps as the cached run's FLOPs buy
-    assert summary["fewer_steps"]["steps"] == round(20 / summary["theoretical_speedup"])
+    # the fewer-steps row runs as many steps as the cached run's FLOPs buy: at least as fast, one more would not be
+    steps = summary["fewer_steps"]["steps"]
+    assert steps * summary["theoretical_speedup"] <= 20 < (steps + 1) * summary["theoretical_speedup"]
     assert summary["fewer_steps"]["psnr_vs_uncached_db"] > 10
     lines = result.stdout.splitlines()
     assert [line.split(" ")[0] for line in lines[:3]] == ["uncached,", "cached", "fewer"]
