@@ -353,6 +353,8 @@ def frontier(
     save = (lambda: state.save(out)) if out is not None else (lambda: None)
 
     kw = dict(guidance_scale=guidance, batch_size=batch_size)
+    # All rows are timed in one interleaved session or none is: ratios timed at other times, under another
+    # load, are not comparable, so a new row re-times the rest too.
     if time_rows and (retime or any(results[r.name]["timing"] is None for r in rows if r.family != "reference")):
         _time(bed, rows, results, generate, dict(guidance_scale=guidance, sampler=sampler), timing_samples,
               timing_rounds, progress)
