@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -238,11 +239,13 @@ def run(args: argparse.Namespace, *, progress: bool = True) -> ComparisonTable:
     return table
 
 
-def main(argv=None) -> ComparisonTable:
-    p = argparse.ArgumentParser(prog="python -m harmonica.compare", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+def main(argv=None) -> int:
+    """``python -m harmonica.compare ARGS`` is ``harmonica evaluate ARGS``: the same options, their values and
+    files checked the same way before any work. Returns the exit status."""
+    from .cli import main as cli_main
+
+    return cli_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -314,6 +314,15 @@ def test_bad_input_is_one_line_exit_2_before_any_work(line, expected, data, tmp_
     assert snapshot(tmp_path, data_root) == before  # nothing written, not even an empty folder
 
 
+def test_python_m_harmonica_compare_is_harmonica_evaluate(capsys, no_work, captured):
+    code, stdout, stderr = run_cli(["evaluate", "--samples", "1"], capsys)
+    assert (harmonica.compare.main(["--samples", "1"]), *capsys.readouterr()) == (code, stdout, stderr) \
+        and code == 2 and "--samples: must be an integer >= 2, got 1" in stderr
+    assert harmonica.compare.main(["--samples", "8", "--steps", "10", "--fewer-steps", "5"]) == 0
+    args = captured["args"]
+    assert (args.samples, args.steps, args.fewer_steps, args.func) == (8, 10, 5, cli.cmd_evaluate)
+
+
 # ---------------------------------------------------------------------------------------------- flags act
 
 
