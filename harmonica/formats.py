@@ -108,7 +108,12 @@ def write(path, kind: str, tensors: Mapping[str, torch.Tensor], document: Mappin
 
 def write_text(path, text: str, what: str = "file") -> Path:
     """Write ``text`` (UTF-8) at ``path`` as :func:`write` does: checked first, atomic, fsynced."""
-    return _replace(check_writable(path, what), text.encode())
+    return write_bytes(path, text.encode(), what)
+
+
+def write_bytes(path, payload: bytes, what: str = "file") -> Path:
+    """Write ``payload`` at ``path`` as :func:`write` does: checked first, atomic, fsynced."""
+    return _replace(check_writable(path, what), payload)
 
 
 def _replace(path: Path, payload: bytes) -> Path:

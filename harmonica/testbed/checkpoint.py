@@ -1,27 +1,24 @@
-"""Pickle-free training checkpoints: every tensor in one safetensors file, everything else as JSON in
-that file's metadata, so a checkpoint is a single file and a single atomic ``os.replace``."""
+"""Pickle-free training checkpoints of the testbed's networks: every tensor in one safetensors file,
+everything else as JSON in that file's metadata, so a checkpoint is a single file, written atomically
+(harmonica.formats.write_bytes: a crash leaves the previous checkpoint intact)."""
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+from ..formats import write_bytes
 
 _META_KEY = "harmonica_state"
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], meta: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(contiguous, str(tmp), metadata={_META_KEY: json.dumps(meta)})
-    # A crash before this line leaves the previous checkpoint intact; os.replace is atomic on POSIX.
-    os.replace(tmp, path)
+    write_bytes(path, save(contiguous, metadata={_META_KEY: json.dumps(meta)}), "checkpoint")
 
 
 def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
