@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -595,13 +596,13 @@ def run(args: argparse.Namespace, *, progress: bool = True) -> Frontier | None:
     return result
 
 
-def main(argv=None) -> Frontier | None:
-    p = argparse.ArgumentParser(prog="python -m harmonica.frontier", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    p.add_argument("-q", "--quiet", action="store_true")
-    args = p.parse_args(argv)
-    return run(args, progress=not args.quiet)
+def main(argv=None) -> int:
+    """``python -m harmonica.frontier ARGS`` is ``harmonica evaluate --frontier ARGS``: the same options,
+    their values and files checked the same way before any work. Returns the exit status."""
+    from .cli import main as cli_main
+
+    return cli_main(["frontier", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

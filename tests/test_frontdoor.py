@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 import harmonica.compare
+import harmonica.frontier
 import harmonica.testbed
 import harmonica.viz
 from harmonica import cli, formats
@@ -314,13 +315,15 @@ def test_bad_input_is_one_line_exit_2_before_any_work(line, expected, data, tmp_
     assert snapshot(tmp_path, data_root) == before  # nothing written, not even an empty folder
 
 
-def test_python_m_harmonica_compare_is_harmonica_evaluate(capsys, no_work, captured):
-    code, stdout, stderr = run_cli(["evaluate", "--samples", "1"], capsys)
-    assert (harmonica.compare.main(["--samples", "1"]), *capsys.readouterr()) == (code, stdout, stderr) \
+@pytest.mark.parametrize("module, command", [("compare", ["evaluate"]), ("frontier", ["evaluate", "--frontier"])])
+def test_python_m_module_is_the_harmonica_command(module, command, capsys, no_work, captured):
+    main = getattr(harmonica, module).main
+    code, stdout, stderr = run_cli([*command, "--samples", "1"], capsys)
+    assert (main(["--samples", "1"]), *capsys.readouterr()) == (code, stdout, stderr) \
         and code == 2 and "--samples: must be an integer >= 2, got 1" in stderr
-    assert harmonica.compare.main(["--samples", "8", "--steps", "10", "--fewer-steps", "5"]) == 0
+    assert main(["--samples", "8", "--steps", "10", "--fewer-steps", "5"]) == 0
     args = captured["args"]
-    assert (args.samples, args.steps, args.fewer_steps, args.func) == (8, 10, 5, cli.cmd_evaluate)
+    assert (args.samples, args.steps, args.fewer_steps) == (8, 10, [5] if module == "frontier" else 5)
 
 
 # ---------------------------------------------------------------------------------------------- flags act
