@@ -115,11 +115,19 @@ def _writable_files(folder, flag: str, names) -> Path:
 
 
 # ----------------------------------------------------------------------------------------- inputs
-def _load_plan(path: str, flag: str):
-    """A Router or a Schedule from a .safetensors file, whichever the file holds."""
+STATIC_SCHEDULE = re.compile(r"(fora|taylorseer):(.*)")
+STATIC_SCHEDULE_HELP = "fora:INTERVAL or taylorseer:INTERVAL:ORDER (a static schedule for the steps)"
+
+
+def _load_plan(path: str, flag: str, *, steps: int | None = None, blocks: int | None = None):
+    """A Router or a Schedule from a .safetensors file, whichever the file holds; with ``steps`` and
+    ``blocks``, also a static schedule named by STATIC_SCHEDULE (FORA or TaylorSeer)."""
     from .schedule import Router, Schedule
 
     p = Path(path)
+    named = STATIC_SCHEDULE.fullmatch(path)
+    if named and steps is not None and not p.exists():
+        return _static_schedule(named[1], named[2], flag, steps, blocks)
     if not p.exists():
         raise UsageError(f"{flag}: schedule/router file not found: {path}")
     errors = []
@@ -129,6 +137,25 @@ def _load_plan(path: str, flag: str):
         except ValueError as e:  # FileFormatError, or a file of the other kind
             errors.append(str(e))
     raise UsageError(f"{flag}: {path} is neither a harmonica router nor a schedule ({errors[-1]})")
+
+
+def _static_schedule(method: str, numbers: str, flag: str, steps: int, blocks: int):
+    from .schedule import MAX_ORDER, Schedule
+
+    form = "fora:INTERVAL" if method == "fora" else "taylorseer:INTERVAL:ORDER"
+    parts = numbers.split(":")
+    if len(parts) != form.count(":") or not all(part.isdigit() for part in parts):
+        raise UsageError(f"{flag} {method}:{numbers}: expected {form} with whole numbers, e.g. "
+                         f"{'fora:2' if method == 'fora' else 'taylorseer:3:2'}")
+    interval, *order = (int(part) for part in parts)
+    if not 2 <= interval < steps:
+        raise UsageError(f"{flag} {method}:{numbers}: the interval must be in [2, {steps - 1}] for {steps} steps "
+                         f"(1 computes every step, {steps} or more skips every step after the first), got {interval}")
+    if order and not 0 <= order[0] <= MAX_ORDER:
+        raise UsageError(f"{flag} {method}:{numbers}: the order must be in [0, {MAX_ORDER}] (0 = reuse), got {order[0]}")
+    if method == "fora":
+        return Schedule.fora(steps, blocks, interval)
+    return Schedule.taylorseer(steps, blocks, interval, order[0])
 
 
 def _plan_with_threshold(plan, args, flag: str):
@@ -530,7 +557,8 @@ def check_sample(args) -> None:
     _writable_files(args.out, "--out", ("samples.png",))
     _testbed_structure(args)
     if args.schedule:
-        plan, flag = _load_plan(args.schedule, "--schedule"), f"--schedule {args.schedule}"
+        flag = f"--schedule {args.schedule}"
+        plan = _load_plan(args.schedule, "--schedule", steps=args.steps or 20, blocks=args.facts.num_blocks)
     else:
         plan, flag = _best_router(args.scheduler, args.steps or 20)[1], "the bundled router"
     args.plan = _plan_with_threshold(plan, args, flag)
@@ -680,7 +708,8 @@ def check_bench(args) -> None:
         blocks = BENCH_SHAPES[args.shape][0]
     if args.schedule:
         flag = f"--schedule {args.schedule}"
-        args.plan = _plan_with_threshold(_load_plan(args.schedule, "--schedule"), args, flag)
+        plan = _load_plan(args.schedule, "--schedule", steps=args.steps or 10, blocks=blocks)
+        args.plan = _plan_with_threshold(plan, args, flag)
         if args.steps is not None and args.steps != args.plan.num_steps:
             raise UsageError(f"--steps {args.steps} does not match {flag}, made for {args.plan.num_steps} steps; "
                              f"pass --steps {args.plan.num_steps} or omit --steps")
@@ -853,7 +882,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="sample the testbed with a router/schedule applied; prints timing")
     common_sampling(p, steps=None)
     p.add_argument("--model", default="testbed", help="only 'testbed' (for other models use the Python API)")
-    p.add_argument("--schedule", help="router or schedule .safetensors (default: the best bundled router for --scheduler/--steps)")
+    p.add_argument("--schedule", help=f"router or schedule .safetensors, or {STATIC_SCHEDULE_HELP} (default: the best "
+                                      f"bundled router for --scheduler/--steps)")
     p.add_argument("--threshold", type=float, default=None, help="router threshold in [0, 1] (default: its own)")
     p.add_argument("--num-images", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2,
@@ -879,7 +909,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("bench", check_bench, cmd_bench, help="end-to-end sampling latency with and without the cache")
     p.add_argument("--shape", default="dit-xl", choices=("dit-xl", "dit-b", "testbed"))
-    p.add_argument("--schedule", help="router or schedule file (default: FORA interval 2)")
+    p.add_argument("--schedule", help=f"router or schedule file, or {STATIC_SCHEDULE_HELP} (default: fora:2)")
     p.add_argument("--threshold", type=float, default=None, help="router threshold in [0, 1] (with --schedule)")
     p.add_argument("--steps", type=int, default=None, help="default: the schedule's, or 10")
     p.add_argument("--batch", type=int, default=1, help="images per batch (the transformer sees 2x with CFG)")

@@ -292,6 +292,15 @@ CASES = [
     ("bench --schedule {d}/junk.safetensors", "is neither a harmonica router nor a schedule"),
     ("bench --shape testbed --schedule {d}/fora20.safetensors --steps 10", "--steps 10 does not match --schedule"),
     ("bench --shape testbed --schedule {d}/fora20.safetensors --threshold 0.2", "--threshold applies to routers"),
+    ("bench --schedule taylorseer:3", "--schedule taylorseer:3: expected taylorseer:INTERVAL:ORDER with whole numbers"),
+    ("bench --schedule fora:2:1", "--schedule fora:2:1: expected fora:INTERVAL with whole numbers, e.g. fora:2"),
+    ("bench --schedule fora:x", "expected fora:INTERVAL with whole numbers"),
+    ("bench --schedule fora:1", "--schedule fora:1: the interval must be in [2, 9] for 10 steps"),
+    ("bench --steps 6 --schedule taylorseer:6:2", "the interval must be in [2, 5] for 6 steps"),
+    ("bench --schedule taylorseer:3:9", "--schedule taylorseer:3:9: the order must be in [0, 4] (0 = reuse), got 9"),
+    ("bench --schedule fora:2 --threshold 0.2", "--threshold applies to routers"),
+    ("sample --out {out} --schedule taylorseer:-3:2", "expected taylorseer:INTERVAL:ORDER with whole numbers"),
+    ("sample --out {out} --schedule fora:20", "the interval must be in [2, 19] for 20 steps"),
     # ---- no command, unknown command
     ("", "the following arguments are required: COMMAND"),
     ("serve", "invalid choice: 'serve'"),
@@ -451,6 +460,18 @@ def test_threads_keep_torchs_default_for_other_models(capsys, captured):
     code, _, stderr = run_cli(["bench", "--shape", "dit-b"], capsys)
     assert code == 0, stderr
     assert captured["threads"] == 3
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ("sample --schedule taylorseer:3:2", lambda: Schedule.taylorseer(20, 8, 3, order=2)),
+    ("sample --steps 10 --schedule fora:2", lambda: Schedule.fora(10, 8, 2)),
+    ("bench --schedule taylorseer:4:1 --steps 12", lambda: Schedule.taylorseer(12, 28, 4, order=1)),
+    ("bench --shape testbed --schedule fora:3", lambda: Schedule.fora(10, 8, 3)),
+])
+def test_a_static_schedule_by_name(argv, expected, capsys, captured, tmp_path):
+    code, _, stderr = run_cli([*argv.split(), *(["--out", str(tmp_path)] if argv.startswith("sample") else [])], capsys)
+    assert code == 0, stderr
+    assert captured["args"].plan == expected()
 
 
 def test_bench_steps_default_to_the_schedules(capsys, captured, data):
