@@ -170,16 +170,16 @@ def _plan_with_threshold(plan, args, flag: str):
     return plan
 
 
-def _best_router(sampler: str, steps: int):
-    """(name, router): the best bundled router for the sampler and steps (testbed.routers.BEST_ROUTERS)."""
+def _best_router(sampler: str, steps: int, otherwise: str):
+    """(name, router): the best bundled router for the sampler and steps (testbed.routers.BEST_ROUTERS);
+    ``otherwise``: what the command offers instead when there is none."""
     from .testbed.routers import BEST_ROUTERS, load_router
 
     name = BEST_ROUTERS.get((sampler, steps))
     if name is None:
         have = ", ".join(f"--scheduler {s} --steps {n}" for s, n in BEST_ROUTERS)
         raise UsageError(f"--scheduler {sampler} --steps {steps}: there is no bundled router for these "
-                         f"(bundled: {have}); pass one of those, a router file with --schedule, or train one "
-                         f"with `harmonica train --scheduler {sampler} --steps {steps} --out r.safetensors`")
+                         f"(bundled: {have}); pass one of those, or {otherwise}")
     return name, load_router(name, sampler, steps)
 
 
@@ -441,7 +441,7 @@ def check_demo(args) -> None:
         args.train_config, args.train_scheduler = _prepare_training(
             args, method="harmonica", batch_size=8, iterations=args.iterations or 40)
     else:
-        args.router_name, args.router = _best_router(args.scheduler, args.steps)
+        args.router_name, args.router = _best_router(args.scheduler, args.steps, "--train to train one first")
         _check_plan_fits(args.router.to_schedule(), args, "the bundled router", steps=args.steps,
                          sampler=_sampler(args, args.scheduler))
 
@@ -560,7 +560,9 @@ def check_sample(args) -> None:
         flag = f"--schedule {args.schedule}"
         plan = _load_plan(args.schedule, "--schedule", steps=args.steps or 20, blocks=args.facts.num_blocks)
     else:
-        plan, flag = _best_router(args.scheduler, args.steps or 20)[1], "the bundled router"
+        otherwise = (f"--schedule with a router file or a static schedule such as taylorseer:3:2, or train a router "
+                     f"with `harmonica train --scheduler {args.scheduler} --steps {args.steps} --out r.safetensors`")
+        plan, flag = _best_router(args.scheduler, args.steps or 20, otherwise)[1], "the bundled router"
     args.plan = _plan_with_threshold(plan, args, flag)
     _check_plan_fits(args.plan, args, flag, steps=args.steps, sampler=_sampler(args, args.scheduler))
 
