@@ -122,7 +122,7 @@ STATIC_SCHEDULE_HELP = "fora:INTERVAL or taylorseer:INTERVAL:ORDER (a static sch
 def _load_plan(path: str, flag: str, *, steps: int | None = None, blocks: int | None = None):
     """A Router or a Schedule from a .safetensors file, whichever the file holds; with ``steps`` and
     ``blocks``, also a static schedule named by STATIC_SCHEDULE (FORA or TaylorSeer)."""
-    from .schedule import Router, Schedule
+    from .schedule import load_plan
 
     p = Path(path)
     named = STATIC_SCHEDULE.fullmatch(path)
@@ -130,13 +130,10 @@ def _load_plan(path: str, flag: str, *, steps: int | None = None, blocks: int | 
         return _static_schedule(named[1], named[2], flag, steps, blocks)
     if not p.exists():
         raise UsageError(f"{flag}: schedule/router file not found: {path}")
-    errors = []
-    for cls in (Router, Schedule):
-        try:
-            return cls.load(p)
-        except ValueError as e:  # FileFormatError, or a file of the other kind
-            errors.append(str(e))
-    raise UsageError(f"{flag}: {path} is neither a harmonica router nor a schedule ({errors[-1]})")
+    try:
+        return load_plan(p)
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None
 
 
 def _static_schedule(method: str, numbers: str, flag: str, steps: int, blocks: int):
@@ -602,9 +599,9 @@ def check_evaluate(args) -> None:
     _check_routers(args, steps, DEFAULT_SAMPLER)
 
 
-def _check_routers(args, steps: int, sampler_name: str) -> None:
-    """--router NAME=PATH options of evaluate and the frontier: distinct names, router files that fit the
-    testbed DiT (--dit-dir), ``steps`` and the sampler."""
+def _check_routers(args, steps: int, sampler_name: str, *, schedules: bool = False) -> None:
+    """--router NAME=PATH options of evaluate and the frontier: distinct names, router files (or schedule
+    files, with ``schedules``) that fit the testbed DiT (--dit-dir), ``steps`` and the sampler."""
     from .schedule import Router
 
     routers = {}
@@ -619,8 +616,9 @@ def _check_routers(args, steps: int, sampler_name: str) -> None:
     sampler = _sampler(args, sampler_name)
     for name, path in routers.items():
         plan = _load_plan(path, f"--router {name}")
-        if not isinstance(plan, Router):
-            raise UsageError(f"--router {name}: {path} is a schedule, not a router; --router takes router files")
+        if not (schedules or isinstance(plan, Router)):
+            raise UsageError(f"--router {name}: {path} is a schedule, not a router; the comparison takes router files "
+                             f"(the frontier, `harmonica evaluate --frontier`, takes schedules too)")
         _check_plan_fits(plan, args, f"--router {name}={path}", steps=steps, sampler=sampler)
 
 
@@ -660,7 +658,7 @@ def check_frontier(args) -> None:
         _writable_files(args.out, "--out", ("frontier.json", "table.md", "frontier.png"))
     if args.cache_dir:
         _writable_files(args.cache_dir, "--cache-dir", ())
-    _check_routers(args, steps, args.scheduler or DEFAULT_SAMPLER)
+    _check_routers(args, steps, args.scheduler or DEFAULT_SAMPLER, schedules=True)
 
 
 def cmd_frontier(args) -> int:

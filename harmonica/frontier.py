@@ -83,11 +83,12 @@ def _family(name: str, router: Router) -> str:
     return f"{method} reuse" if order == 0 else f"{method} forecast o{order}"
 
 
-def default_rows(num_blocks: int, steps: int, *, routers: Optional[dict[str, Router]] = None,
+def default_rows(num_blocks: int, steps: int, *, routers: Optional[dict[str, "Router | Schedule"]] = None,
                  fora: Sequence[int] = (2, 3, 4), taylorseer: Sequence[int] = (2, 3, 4, 5),
                  orders: Sequence[int] = (1, 2), fewer: Optional[Sequence[int]] = None,
                  reference_steps: int = REFERENCE_STEPS) -> list[FrontierRow]:
-    """The frontier's rows for a ``num_blocks``-block model at ``steps`` steps (see the module docstring)."""
+    """The frontier's rows for a ``num_blocks``-block model at ``steps`` steps (see the module docstring);
+    ``routers``: more rows by name, routers (at their own threshold) or schedules (each a point of its own)."""
     rows = [FrontierRow(f"uncached ({steps})", "uncached", steps)]
     if reference_steps != steps:
         rows.append(FrontierRow(f"reference ({reference_steps})", "reference", reference_steps))
@@ -97,10 +98,13 @@ def default_rows(num_blocks: int, steps: int, *, routers: Optional[dict[str, Rou
     for order in orders:
         rows += [FrontierRow(f"TaylorSeer o{order} N={n}", f"TaylorSeer o{order}", steps,
                              Schedule.taylorseer(steps, num_blocks, n, order)) for n in taylorseer if n < steps]
-    for name, router in (routers or {}).items():
-        if router.num_steps != steps:
-            raise ValueError(f"router {name!r} has {router.num_steps} steps but the frontier samples {steps}")
-        rows.append(FrontierRow(name, _family(name, router), steps, router.to_schedule()))
+    for name, plan in (routers or {}).items():
+        if plan.num_steps != steps:
+            raise ValueError(f"router {name!r} has {plan.num_steps} steps but the frontier samples {steps}")
+        if isinstance(plan, Schedule):
+            rows.append(FrontierRow(name, name, steps, plan))
+        else:
+            rows.append(FrontierRow(name, _family(name, plan), steps, plan.to_schedule()))
     names = [r.name for r in rows]
     if len(set(names)) != len(names):
         raise ValueError(f"row names must be unique, got {names}")
@@ -550,7 +554,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--taylorseer", type=_int_list, default=[2, 3, 4, 5], help="TaylorSeer intervals")
     p.add_argument("--orders", type=_int_list, default=[1, 2], help="TaylorSeer orders")
     p.add_argument("--router", action="append", default=[], metavar="NAME=PATH",
-                   help="a router file (default: every bundled router for the sampler and T)")
+                   help="a router or schedule file (default: every bundled router for the sampler and T)")
     p.add_argument("--only", default=None, help="comma-separated row-name prefixes to keep (the uncached row always)")
     p.add_argument("--timing-samples", type=int, default=100)
     p.add_argument("--timing-rounds", type=int, default=3)

@@ -23,7 +23,7 @@ import torch
 
 from . import formats
 
-__all__ = ["BRANCHES", "DEFAULT_THRESHOLD", "ModelCost", "Router", "Schedule", "check_sampler", "sampler_grid"]
+__all__ = ["BRANCHES", "DEFAULT_THRESHOLD", "ModelCost", "Router", "Schedule", "check_sampler", "load_plan", "sampler_grid"]
 
 BRANCHES = ("attn", "mlp")
 
@@ -766,6 +766,17 @@ class Router(_Plan, torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"T={self.num_steps}, L={self.num_blocks}"
+
+
+def load_plan(path) -> "Router | Schedule":
+    """The Router or the Schedule a harmonica .safetensors file holds, whichever it is (ValueError if neither)."""
+    errors = []
+    for cls in (Router, Schedule):
+        try:
+            return cls.load(path)
+        except ValueError as e:  # FileFormatError, or a file of the other kind
+            errors.append(str(e))
+    raise ValueError(f"{path} is neither a harmonica router nor a schedule ({errors[-1]})")
 
 
 def _check_threshold(threshold) -> None:

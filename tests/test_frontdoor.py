@@ -474,6 +474,17 @@ def test_a_static_schedule_by_name(argv, expected, capsys, captured, tmp_path):
     assert captured["args"].plan == expected()
 
 
+def test_the_frontier_takes_schedule_files_as_rows_and_the_comparison_router_files_only(capsys, captured, data):
+    from harmonica.testbed.routers import load_router_specs
+
+    path = f"{data['d']}/fora20.safetensors"
+    code, _, stderr = run_cli(["evaluate", "--frontier", "--router", f"mine={path}"], capsys)
+    assert code == 0, stderr
+    assert load_router_specs(captured["args"].router) == {"mine": Schedule.load(path)}
+    code, _, stderr = run_cli(["evaluate", "--router", f"mine={path}"], capsys)
+    assert code == 2 and "the comparison takes router files (the frontier" in stderr
+
+
 def test_bench_steps_default_to_the_schedules(capsys, captured, data):
     code, _, stderr = run_cli(["bench", "--shape", "testbed", "--schedule", f"{data['d']}/fora10.safetensors"], capsys)
     assert code == 0, stderr

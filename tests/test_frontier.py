@@ -207,6 +207,15 @@ def test_router_rows_form_one_curve_per_method_and_order_and_a_methodless_router
         "HarmoniCa forecast o1", "HarmoniCa forecast o1", "HarmoniCa reuse", "moved", "other"]
 
 
+def test_a_schedule_is_a_row_of_its_own_as_it_is():
+    schedule = hc.Schedule.taylorseer(STEPS, BLOCKS, 3, order=1)
+    (row,) = [r for r in fr.default_rows(BLOCKS, STEPS, routers={"mine": schedule}, fora=(), taylorseer=(), fewer=())
+              if r.name == "mine"]
+    assert (row.family, row.steps, row.schedule) == ("mine", STEPS, schedule)
+    with pytest.raises(ValueError, match="router 'x' has 5 steps"):
+        fr.default_rows(BLOCKS, STEPS, routers={"x": hc.Schedule.full(5, BLOCKS)})
+
+
 def test_cli_hook_reaches_the_frontier(capsys):
     from harmonica.cli import main
 

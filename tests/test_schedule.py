@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harmonica.schedule import ModelCost, Router, Schedule, check_sampler, sampler_grid
+from harmonica.schedule import ModelCost, Router, Schedule, check_sampler, load_plan, sampler_grid
 
 # Odd sizes on purpose: off-by-one errors in step/block bookkeeping show up when T, L are not even.
 SIZES = [(1, 1), (2, 3), (7, 5), (10, 28), (13, 4)]
@@ -622,3 +622,16 @@ def test_model_cost_refuses_sizes_that_are_not_positive_ints(name, value):
     with pytest.raises(ValueError, match=f"model_cost: {name} must be a positive int, got {value!r}"):
         model_cost(model, **kwargs)
     assert model_cost(model, batch=2, height=16, width=16).attn > model_cost(model, batch=2).attn
+
+
+def test_load_plan_returns_what_the_file_holds(tmp_path):
+    router = Router.init(6, 3, generator=torch.Generator().manual_seed(0))
+    schedule = Schedule.taylorseer(6, 3, 2, order=1)
+    router.save(tmp_path / "r.safetensors")
+    schedule.save(tmp_path / "s.safetensors")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    loaded = load_plan(tmp_path / "r.safetensors")
+    assert type(loaded) is Router and torch.equal(loaded.logits, router.logits)
+    assert load_plan(tmp_path / "s.safetensors") == schedule
+    with pytest.raises(ValueError, match="other.safetensors is neither a harmonica router nor a schedule"):
+        load_plan(tmp_path / "other.safetensors")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 
-from ..schedule import Router
+from ..schedule import Router, Schedule, load_plan
 from . import ASSETS_DIR, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Testbed
 
 ROUTERS_DIR = ASSETS_DIR / "routers"
@@ -102,14 +102,14 @@ def load_router(method: str, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAUL
     return Router.load(path)
 
 
-def load_router_specs(specs) -> dict[str, Router]:
-    """Routers from ``--router NAME=PATH`` options (the comparison's and the frontier's), by NAME."""
+def load_router_specs(specs) -> dict[str, "Router | Schedule"]:
+    """Routers (or schedules: the frontier takes both) from ``--router NAME=PATH`` options, by NAME."""
     routers = {}
     for spec in specs:
         name, _, path = spec.partition("=")
         if not path:
             raise SystemExit(f"--router expects NAME=PATH, got {spec!r}")
-        routers[name] = Router.load(path)
+        routers[name] = load_plan(path)
     return routers
 
 
