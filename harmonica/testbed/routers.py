@@ -27,7 +27,7 @@ from . import ASSETS_DIR, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, Test
 
 ROUTERS_DIR = ASSETS_DIR / "routers"
 
-__all__ = ["ROUTERS_DIR", "RECIPES", "BEST_ROUTERS", "best_router", "available", "load_router", "load_router_specs", "router_path", "load_testbed", "train_recipe", "main"]
+__all__ = ["ROUTERS_DIR", "RECIPES", "BEST_ROUTERS", "available", "load_router", "load_router_specs", "router_path", "load_testbed", "train_recipe", "main"]
 
 
 # The best bundled router for each (sampler, steps) by the frontier (RESULTS.md), a file stem's method
@@ -70,14 +70,6 @@ def train_recipe(name: str, *, dit_dir: Optional[str] = None, out_dir: Optional[
     out = Path(out_dir) / f"{name}.safetensors" if out_dir else ROUTERS_DIR / f"{name}.safetensors"
     return train(method, **recipe, seed=seed, dit_dir=dit_dir, out=out, checkpoint_dir=str(work), resume=resume,
                  log_file=str(work / "log.jsonl"))
-
-
-def best_router(sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS) -> str:
-    """The method part of the best bundled router for ``sampler`` at ``steps`` (:data:`BEST_ROUTERS`)."""
-    if (sampler, steps) not in BEST_ROUTERS:
-        have = ", ".join(f"{s} {n} steps" for s, n in BEST_ROUTERS)
-        raise FileNotFoundError(f"no bundled router for sampler={sampler!r}, steps={steps}; bundled: {have}")
-    return BEST_ROUTERS[sampler, steps]
 
 
 def available() -> list[tuple[str, str, int]]:
