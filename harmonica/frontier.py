@@ -442,7 +442,9 @@ def _cached_images(cache: Optional[Path], settings: dict, name: str, seed: int, 
     """Images of an uncached run, kept under ``cache`` for reuse (DDIM-200 is the most expensive row)."""
     if cache is None:
         return make()
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
+
+    from .formats import write_bytes
 
     key = (f"{settings['model']}_{name}_g{settings['guidance_scale']}_n{settings['num_samples']}"
            f"_b{settings['batch_size']}_s{seed}.safetensors")
@@ -450,10 +452,7 @@ def _cached_images(cache: Optional[Path], settings: dict, name: str, seed: int, 
     if path.exists():
         return load_file(str(path))["images"]
     images = make()
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({"images": images.contiguous()}, str(tmp))
-    tmp.replace(path)
+    write_bytes(path, save({"images": images.contiguous()}), "--cache-dir image file")
     return images
 
 

@@ -222,3 +222,18 @@ def test_cli_hook_reaches_the_frontier(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--frontier", "--help"])
     assert exit_info.value.code == 0 and "--reference-seeds" in capsys.readouterr().out
+
+
+def test_uncached_images_are_kept_once_and_read_back(tmp_path):
+    settings = {"model": "m", "guidance_scale": 2.0, "num_samples": 3, "batch_size": 3}
+    made = []
+
+    def make():
+        made.append(1)
+        return torch.arange(12.0).view(3, 1, 2, 2)
+
+    first = fr._cached_images(tmp_path / "images", settings, "uncached (4)", 7, make)
+    again = fr._cached_images(tmp_path / "images", settings, "uncached (4)", 7, make)
+    assert len(made) == 1 and torch.equal(first, again)
+    assert [p.name for p in (tmp_path / "images").iterdir()] == ["m_uncached (4)_g2.0_n3_b3_s7.safetensors"]
+    assert torch.equal(fr._cached_images(None, settings, "uncached (4)", 7, make), first) and len(made) == 2
