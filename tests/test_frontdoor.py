@@ -378,7 +378,7 @@ def test_train_uses_every_option_and_writes_the_router(tmp_path, capsys, monkeyp
     assert config.progress is False  # -q
     from harmonica.testbed.routers import RECIPE
 
-    assert (config.beta, config.iepo_refresh) == (RECIPE["beta"], RECIPE["iepo_refresh"])  # as the bundled routers
+    assert (config.beta, config.iepo_refresh) == (RECIPE["beta"], RECIPE["iepo_refresh"])  # as the demo's router
     assert config.log_file == str(tmp_path / "log.jsonl")
     assert type(seen["scheduler"]).__name__ == "EulerDiscreteScheduler"
     assert Router.load(out).num_steps == 12 and f"wrote {out}" in stdout

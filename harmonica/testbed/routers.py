@@ -113,8 +113,9 @@ def load_testbed(dit_dir: Optional[str] = None) -> Testbed:
     return load(dit_dir=dit_dir)
 
 
-# The training settings of the testbed's routers beyond TrainConfig's defaults, shared with
-# `harmonica train` on the testbed so that both train (and resume) the same run.
+# Settings beyond TrainConfig's defaults that `harmonica train` on the testbed shares with train()'s
+# defaults, so both train (and resume) the same run: every bundled router's starting beta, and the IEPO
+# refresh of the demo's router (harmonica-o2-ts3; the reuse recipes above refresh every 40 trajectories).
 RECIPE = {"beta": 1e-3, "iepo_refresh": 10}
 
 
