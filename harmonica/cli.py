@@ -350,7 +350,7 @@ def _prepare_training(args, *, method: str, batch_size: int, iterations: int, pr
     if args.on_testbed:
         from .testbed.routers import RECIPE
 
-        extra.update(RECIPE)  # as the bundled routers were trained
+        extra.update(RECIPE)  # as the demo's router was trained
     extra["forecast_order"] = getattr(args, "forecast_order", 0)
     start = None
     if getattr(args, "init_taylorseer", None) is not None:
