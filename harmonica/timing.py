@@ -141,14 +141,14 @@ def measure_processes(commands: Mapping[str, Sequence[str]], repeats: int = 3) -
         return {name: b.timing for name, b in best.items()}
     finally:
         for process in processes.values():
-            if process.poll() is None:
-                process.stdin.close()  # serve_runs returns at the end of its input
+            process.stdin.close()  # serve_runs returns at the end of its input (flushed: nothing left to send)
         for process in processes.values():
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            process.stdout.close()
 
 
 def _reply(name: str, process: subprocess.Popen, prefix: str) -> str:

@@ -91,10 +91,20 @@ def test_measure_processes_times_each_run_in_its_own_process_in_interleaved_roun
         assert 0 <= timing.seconds < 5 and timing.page_faults >= 0 and 0 <= timing.cpu_seconds < 5
 
 
-def test_measure_processes_names_the_process_that_died(tmp_path):
+def test_measure_processes_names_the_process_that_died_and_ends_every_process(tmp_path, monkeypatch):
+    started = []
+    popen = subprocess.Popen
+
+    def recorded(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", recorded)
     commands = {name: [sys.executable, "-c", _SERVED, name, str(tmp_path / "runs.txt")] for name in ("a", "broken")}
     with pytest.raises(RuntimeError, match="'broken' exited with code 3"):
         measure_processes(commands, repeats=1)
+    assert [p.returncode for p in started] == [0, 3]  # the healthy one ended at the end of its input
+    assert all(p.stdin.closed and p.stdout.closed for p in started)  # the dead one's pipes too
     with pytest.raises(ValueError, match="repeats"):
         measure_processes(commands, repeats=0)
 
