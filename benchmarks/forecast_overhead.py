@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel
+from diffusers import DDIMScheduler
 
 import harmonica as hc
 from harmonica.sampling import sample
-from harmonica.timing import cached_copy, measure
+from harmonica.timing import cached_copy, measure, random_dit
 
 
 def main(argv=None) -> None:
@@ -26,10 +26,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile", action="store_true")
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_layers=args.blocks, num_attention_heads=16, attention_head_dim=72, in_channels=4,
-                                  out_channels=8, sample_size=32, patch_size=2, num_embeds_ada_norm=1000,
-                                  norm_type="ada_norm_zero").eval().requires_grad_(False)
+    model = random_dit("dit-xl", num_layers=args.blocks)
     steps, blocks = args.steps, args.blocks
     schedules = {"uncached": None, "FORA N=2": hc.Schedule.fora(steps, blocks, 2),
                  "TaylorSeer N=2 o1": hc.Schedule.taylorseer(steps, blocks, 2, 1),

@@ -169,8 +169,6 @@ def _synchronize():
 # ---------------------------------------------------------------------------------------------------
 # End to end: DiT-XL/2 shape, cached vs uncached, eager and CUDA graphs
 
-XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-          sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
 E2E_STEPS = 20
 GUIDANCE = 1.5
 
@@ -255,20 +253,16 @@ class GraphedSampler:
 
 def run_e2e(out_path: Path, smoke: bool = False) -> dict:
     """`smoke`: a 2-block model, 3 steps, one round, float32: checks the code path on any machine."""
-    from diffusers import DDIMScheduler, DiTTransformer2DModel
+    from diffusers import DDIMScheduler
 
     import harmonica as hc
     from harmonica.sampling import sample
-    from harmonica.timing import cached
+    from harmonica.timing import DIT_SHAPES, cached, random_dit
 
     device = _device()
-    config, steps, batches, rounds = (dict(XL, num_layers=2), 3, (1,), 1) if smoke else (XL, E2E_STEPS, (1, 8), 3)
+    blocks, steps, batches, rounds = (2, 3, (1,), 1) if smoke else (DIT_SHAPES["dit-xl"]["num_layers"], E2E_STEPS, (1, 8), 3)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    blocks = config["num_layers"]
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = DiTTransformer2DModel(**config)
-    model = model.to(dtype).eval().requires_grad_(False)
+    model = random_dit("dit-xl", device=device, num_layers=blocks).to(dtype)
     schedules = {"FORA interval 2": hc.Schedule.fora(steps, blocks, interval=2),
                  "Delta-DiT": hc.Schedule.delta_dit(steps, blocks),
                  # forecast_update_ / forecast_read_ on every skipped step: the issue's >= 0.95 bar

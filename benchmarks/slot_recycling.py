@@ -20,26 +20,17 @@ import argparse
 import json
 import sys
 
-XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-          sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
 VARIANTS = ("uncached", "cached", "cached, a block per slot", "cached, no recycling")
-
-
-def build_model(device: str = "cpu"):
-    import torch
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    with torch.device(device):  # "meta": the structure alone, for the FLOP count
-        return DiTTransformer2DModel(**XL).eval().requires_grad_(False)
 
 
 def schedule_for(args):
     import harmonica as hc
+    from harmonica.timing import DIT_SHAPES
 
+    blocks = DIT_SHAPES["dit-xl"]["num_layers"]
     if args.schedule == "fora":
-        return hc.Schedule.fora(args.steps, XL["num_layers"], interval=2)
-    return hc.Schedule.taylorseer(args.steps, XL["num_layers"], interval=2, order=2)
+        return hc.Schedule.fora(args.steps, blocks, interval=2)
+    return hc.Schedule.taylorseer(args.steps, blocks, interval=2, order=2)
 
 
 def serve(args) -> None:
@@ -50,10 +41,10 @@ def serve(args) -> None:
     import harmonica as hc
     from harmonica.cache.slots import SlotStore
     from harmonica.sampling import sample
-    from harmonica.timing import serve_runs
+    from harmonica.timing import random_dit, serve_runs
 
     torch.set_num_threads(args.threads)
-    model = build_model()
+    model = random_dit("dit-xl")
     if args.serve != "uncached":
         runtime = hc.enable_cache(model, schedule_for(args))
         if args.serve != "cached":
@@ -83,12 +74,12 @@ def main() -> None:
         return serve(args)
 
     import harmonica as hc
-    from harmonica.timing import measure_processes
+    from harmonica.timing import measure_processes, random_dit
 
     common = [sys.executable, __file__, "--schedule", args.schedule, "--steps", str(args.steps),
               "--threads", str(args.threads)]
     timings = measure_processes({v: [*common, "--serve", v] for v in VARIANTS}, repeats=args.rounds)
-    cost = hc.model_cost(build_model("meta"), batch=2)
+    cost = hc.model_cost(random_dit("dit-xl", device="meta"), batch=2)
     result = {name: {"seconds": t.seconds, "page_faults": t.page_faults, "cpu_seconds": t.cpu_seconds,
                      "speedup": timings["uncached"].seconds / t.seconds} for name, t in timings.items()}
     result["theoretical_speedup"] = schedule_for(args).theoretical_speedup(cost)

@@ -692,9 +692,6 @@ def cmd_plot(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------- bench
-BENCH_SHAPES = {"dit-xl": (28, 16, 72, 32), "dit-b": (12, 12, 64, 32)}  # (blocks, heads, head dim, latent size)
-
-
 def check_bench(args) -> None:
     check_values(args)
     from diffusers import DDIMScheduler
@@ -705,7 +702,9 @@ def check_bench(args) -> None:
         _testbed_structure(args)
         blocks = args.facts.num_blocks
     else:
-        blocks = BENCH_SHAPES[args.shape][0]
+        from .timing import DIT_SHAPES
+
+        blocks = DIT_SHAPES[args.shape]["num_layers"]
     if args.schedule:
         flag = f"--schedule {args.schedule}"
         plan = _load_plan(args.schedule, "--schedule", steps=args.steps or 10, blocks=blocks)
@@ -728,21 +727,14 @@ def check_bench(args) -> None:
 
 def _bench_model(shape: str, device: str = "cpu"):
     """The model `harmonica bench` times: the bundled testbed DiT (always loaded with its weights), or a
-    random-weight DiT of a BENCH_SHAPES shape built on ``device`` ("meta": the structure alone)."""
-    import torch
-    from diffusers import DiTTransformer2DModel
-
+    random-weight DiT of a timing.DIT_SHAPES shape built on ``device`` ("meta": the structure alone)."""
     if shape == "testbed":
         from . import testbed
 
         return testbed.load().transformer
-    layers, heads, head_dim, size = BENCH_SHAPES[shape]
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4,
-                                      out_channels=8, num_layers=layers, sample_size=size, patch_size=2,
-                                      num_embeds_ada_norm=1000)
-    return model.eval().requires_grad_(False)
+    from .timing import random_dit
+
+    return random_dit(shape, device=device)
 
 
 def _bench_side(args) -> int:

@@ -22,6 +22,29 @@ from .apply import disable_cache, enable_cache
 from .schedule import Schedule
 
 
+# The DiT shapes latency is measured on (`harmonica bench --shape`, benchmarks/): DiTTransformer2DModel
+# settings beyond random_dit's fixed ones.
+DIT_SHAPES = {"dit-xl": dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32),
+              "dit-b": dict(num_layers=12, num_attention_heads=12, attention_head_dim=64, sample_size=32)}
+
+
+def random_dit(shape: str, *, device="cpu", **config) -> nn.Module:
+    """A DiT of a :data:`DIT_SHAPES` shape (patch 2, 4 latent channels with learned sigma, 1000 classes)
+    with random weights (seed 0), in eval mode without gradients, built on ``device`` ("meta": the
+    structure alone, e.g. for the FLOP count). ``config`` overrides settings (``num_layers=2`` for a
+    smoke run)."""
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    if shape not in DIT_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(DIT_SHAPES)}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DiTTransformer2DModel(**{**dict(in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=1000),
+                                         **DIT_SHAPES[shape], **config})
+    return model.eval().requires_grad_(False)
+
+
 def keep_freed_memory() -> None:
     """Make glibc malloc keep and reuse freed memory for the rest of the process, as jemalloc does.
 

@@ -10,8 +10,9 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
-from harmonica.timing import best_times, measure_processes, serve_runs
+from harmonica.timing import DIT_SHAPES, best_times, measure_processes, random_dit, serve_runs
 
 # Allocates, touches and frees a 64 MB tensor, with glibc's defaults ("default") or after
 # keep_freed_memory() ("keep"), and prints the minor page faults of one more such round. 64 MB is
@@ -119,3 +120,19 @@ def test_serve_runs_warms_up_then_times_one_run_per_request():
     for line in lines[1:]:
         timing = json.loads(line.removeprefix("harmonica-timing: "))
         assert set(timing) == {"seconds", "page_faults", "cpu_seconds"} and 0 <= timing["seconds"] < 1
+
+
+def test_random_dit_builds_the_named_shapes_and_bench_offers_them():
+    from harmonica.cli import build_parser
+
+    xl = random_dit("dit-xl", device="meta")
+    assert (len(xl.transformer_blocks), xl.inner_dim, xl.config.sample_size, xl.config.patch_size) == (28, 1152, 32, 2)
+    assert not xl.training and not any(p.requires_grad for p in xl.parameters())
+    small = random_dit("dit-b", num_layers=2)
+    assert (len(small.transformer_blocks), small.inner_dim) == (2, 768)
+    assert torch.equal(random_dit("dit-b", num_layers=2).pos_embed.proj.weight, small.pos_embed.proj.weight)  # seeded
+    with pytest.raises(ValueError, match="unknown shape 'dit-h'; choose one of dit-xl, dit-b"):
+        random_dit("dit-h")
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    shape = next(a for a in bench._actions if a.dest == "shape")
+    assert list(shape.choices) == [*DIT_SHAPES, "testbed"]
