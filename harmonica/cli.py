@@ -553,13 +553,14 @@ def check_sample(args) -> None:
                          "use harmonica.enable_cache(pipe, schedule) from Python (see README)")
     _writable_files(args.out, "--out", ("samples.png",))
     _testbed_structure(args)
+    steps = args.steps or 20  # of a named static schedule or the bundled router (a file keeps its own)
     if args.schedule:
         flag = f"--schedule {args.schedule}"
-        plan = _load_plan(args.schedule, "--schedule", steps=args.steps or 20, blocks=args.facts.num_blocks)
+        plan = _load_plan(args.schedule, "--schedule", steps=steps, blocks=args.facts.num_blocks)
     else:
         otherwise = (f"--schedule with a router file or a static schedule such as taylorseer:3:2, or train a router "
-                     f"with `harmonica train --scheduler {args.scheduler} --steps {args.steps} --out r.safetensors`")
-        plan, flag = _best_router(args.scheduler, args.steps or 20, otherwise)[1], "the bundled router"
+                     f"with `harmonica train --scheduler {args.scheduler} --steps {steps} --out r.safetensors`")
+        plan, flag = _best_router(args.scheduler, steps, otherwise)[1], "the bundled router"
     args.plan = _plan_with_threshold(plan, args, flag)
     _check_plan_fits(args.plan, args, flag, steps=args.steps, sampler=_sampler(args, args.scheduler))
 

@@ -207,6 +207,7 @@ CASES = [
     ("sample --out {out} --scheduler heun", "argument --scheduler: invalid choice: 'heun'"),
     ("sample --out {out} --model {dit}", "--model: sample runs the bundled testbed"),
     ("sample --out {out} --steps 0", "--steps: must be an integer >= 1, got 0"),
+    ("sample --out {out} --scheduler euler", "train a router with `harmonica train --scheduler euler --steps 20 --out"),
     ("sample --out {out} --steps 7", "there is no bundled router for these (bundled: --scheduler ddim --steps 20, --scheduler ddim --steps 50); pass one of those, or --schedule with a router file or a static schedule such as taylorseer:3:2"),
     ("sample --out {out} --guidance nan", "--guidance: must be a finite number >= 0, got nan"),
     ("sample --out {out} --seed -1", "--seed: must be an integer >= 0"),
